@@ -1,0 +1,1 @@
+"""Protocol clients that know nothing of the pipeline."""

@@ -1,0 +1,1 @@
+"""Chat backends: the seam between the pipeline and an LLM provider."""

@@ -1,0 +1,64 @@
+"""Types that flow through the pipeline, shared by every source and sink."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+DEFAULT_DEVICE = "default"
+
+QuestionId = str | int
+
+
+class ReplyFormat(enum.Enum):
+    """How the source expects the complete answer: the seed's plain text or JSON."""
+
+    PLAIN = "plain"
+    JSON = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Utterance:
+    """One thing said to a speaker, as a source heard it."""
+
+    text: str
+    device: str = DEFAULT_DEVICE
+    id: QuestionId = ""
+    source: str = "mqtt"
+    reply_format: ReplyFormat = ReplyFormat.PLAIN
+    # Sources may carry their own routing data (e.g. a media_player entity) for their sink.
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechChunk:
+    """One sentence of an answer, ready to be spoken."""
+
+    question_id: QuestionId
+    device: str
+    seq: int
+    text: str
+    final: bool
+
+
+class Outcome(enum.Enum):
+    """How the pipeline dealt with an utterance."""
+
+    ANSWERED = "answered"
+    COMMAND = "command"
+    IGNORED = "ignored"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The end of one utterance's journey: what was spoken, and how it went."""
+
+    utterance: Utterance
+    outcome: Outcome
+    text: str = ""
+    # Machine-readable reason for FAILED/IGNORED outcomes, e.g. "timeout", "rate_limited".
+    reason: str = ""
+    # Seconds from the pipeline receiving the utterance to the first chunk / the end.
+    first_chunk_s: float | None = None
+    total_s: float | None = None

@@ -1,0 +1,1 @@
+"""Turning an utterance into spoken chunks: trigger, memory, LLM, chunking, cleanup."""

@@ -1,0 +1,1 @@
+"""Sinks: adapters that deliver spoken chunks and answers to a transport."""

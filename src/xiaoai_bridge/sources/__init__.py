@@ -1,0 +1,1 @@
+"""Sources: adapters that turn transport events into utterances."""
