@@ -26,6 +26,8 @@ class Utterance:
     id: QuestionId = ""
     source: str = "mqtt"
     reply_format: ReplyFormat = ReplyFormat.PLAIN
+    # Set by a source that could not read the message (e.g. "too_long"): apologise, don't ask.
+    rejected: str = ""
     # Sources may carry their own routing data (e.g. a media_player entity) for their sink.
     extra: dict[str, str] = field(default_factory=dict)
 

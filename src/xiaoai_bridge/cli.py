@@ -1,0 +1,192 @@
+"""Command line: run the service, ask one question, check the setup."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiomqtt
+
+from xiaoai_bridge import __version__
+from xiaoai_bridge.app import open_pipeline, run_service
+from xiaoai_bridge.config import DEFAULT_EMBEDDED_HOST, Settings, find_config_file, load_settings
+from xiaoai_bridge.errors import BridgeError, LLMError
+from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
+from xiaoai_bridge.log import setup_logging
+from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
+
+# Exit codes, documented in the README.
+EXIT_OK = 0
+EXIT_FAILED = 1  # `check` found a problem, or `ask` got no answer
+EXIT_USAGE = 2  # argparse's own code for bad arguments
+EXIT_CONFIG = 3  # the configuration is invalid
+EXIT_RUNTIME = 4  # the service stopped on an error
+
+CHECK_TIMEOUT_S = 15.0
+
+
+def _secrets(settings: Settings) -> list[str]:
+    values = []
+    if settings.llm.api_key:
+        values.append(settings.llm.api_key.get_secret_value())
+    endpoint = settings.mqtt.endpoint()
+    if endpoint.password:
+        values.append(endpoint.password.get_secret_value())
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xiaoai-bridge",
+        description="Make a XiaoAi speaker answer with any OpenAI-compatible LLM.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="debug logging, and tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_arg(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--config", type=Path, metavar="FILE",
+                         help="TOML config file (default: $XIAOAI_BRIDGE_CONFIG, "
+                         "./xiaoai-bridge.toml, ~/.config/xiaoai-bridge/config.toml)")
+
+    run = commands.add_parser("run", help="run the service",
+                              description="Run the service until SIGINT/SIGTERM.")
+    config_arg(run)
+    ask = commands.add_parser(
+        "ask", help="ask one question through the pipeline",
+        description="Ask one question through the same pipeline as the service (trigger, "
+        "memory, LLM, speech cleanup); print the answer sentence by sentence.")
+    ask.add_argument("question", help="what you would say to the speaker")
+    ask.add_argument("--device", default="default", help="whose memory to use (default: "
+                     "default)")
+    config_arg(ask)
+    check = commands.add_parser(
+        "check", help="validate the config and reach the broker and the LLM",
+        description="Validate the config, reach the MQTT broker and the LLM; exit non-zero "
+        "when something is wrong.")
+    config_arg(check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `xiaoai-bridge` command."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(find_config_file(args.config))
+    except BridgeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    level = "DEBUG" if args.debug else settings.log_level
+    try:
+        if args.command == "run":
+            setup_logging(level, _secrets(settings))
+            return asyncio.run(_run(settings))
+        if args.command == "ask":
+            setup_logging("DEBUG" if args.debug else "WARNING", _secrets(settings))
+            return asyncio.run(_ask(settings, args.question, args.device))
+        return asyncio.run(_check(settings))
+    except BridgeError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+async def _run(settings: Settings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await run_service(settings, stop=stop)
+    return EXIT_OK
+
+
+class _PrintSink:
+    """Prints each sentence as it streams, for `ask`."""
+
+    name = "cli"
+
+    async def begin(self, utterance: Utterance) -> None:
+        """Nothing to prepare."""
+
+    async def chunk(self, utterance: Utterance, chunk: SpeechChunk) -> None:
+        """One line per sentence, flushed at once so streaming is visible."""
+        if chunk.text:
+            print(chunk.text, flush=True)
+
+    async def end(self, answer: Answer) -> None:
+        """Explain an answer that did not happen."""
+        if answer.outcome is Outcome.IGNORED:
+            print("(not triggered: the speaker would leave this to XiaoAi)", file=sys.stderr)
+        elif answer.outcome is Outcome.FAILED:
+            print(f"(failed: {answer.reason})", file=sys.stderr)
+
+
+async def _ask(settings: Settings, question: str, device: str) -> int:
+    async with open_pipeline(settings) as pipeline:
+        utterance = Utterance(text=question, device=device, id="cli", source="cli")
+        answer = await pipeline.handle(utterance, _PrintSink())
+    return EXIT_OK if answer.outcome in (Outcome.ANSWERED, Outcome.COMMAND) else EXIT_FAILED
+
+
+async def _check(settings: Settings) -> int:
+    problems = 0
+
+    def report(ok: bool, what: str, detail: str) -> None:
+        nonlocal problems
+        problems += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {what}: {detail}")
+
+    report(True, "config", f"valid; data in {settings.data_dir}")
+    ok, detail = await _check_broker(settings)
+    report(ok, "mqtt", detail)
+    backend = OpenAICompatBackend(settings.llm)
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            report(True, "llm", await backend.check())
+    except LLMError as err:
+        hint = (" (set [llm] api_key or OPENAI_API_KEY)" if err.reason == "not_configured"
+                else "")
+        report(False, "llm", f"{err.detail}{hint}")
+    except TimeoutError:
+        report(False, "llm", f"{settings.llm.base_url} did not answer in {CHECK_TIMEOUT_S:g} s")
+    finally:
+        await backend.aclose()
+    return EXIT_OK if problems == 0 else EXIT_FAILED
+
+
+async def _check_broker(settings: Settings) -> tuple[bool, str]:
+    endpoint = settings.mqtt.endpoint()
+    if settings.mqtt.embedded:
+        # The service would start its own broker: the port must be free for it.
+        with socket.socket() as probe:
+            try:
+                probe.bind((DEFAULT_EMBEDDED_HOST, endpoint.port))
+            except OSError as err:
+                return False, (f"embedded broker cannot listen on {DEFAULT_EMBEDDED_HOST}:"
+                               f"{endpoint.port} ({err.strerror}); set [mqtt] url to use the "
+                               "broker already there")
+        return True, f"no [mqtt] url: an embedded broker will listen on " \
+                     f"{DEFAULT_EMBEDDED_HOST}:{endpoint.port}"
+    password = endpoint.password.get_secret_value() if endpoint.password else None
+    try:
+        async with aiomqtt.Client(endpoint.host, endpoint.port, username=endpoint.username,
+                                  password=password, timeout=CHECK_TIMEOUT_S,
+                                  identifier=f"{settings.mqtt.client_id}-check"[:23]):
+            pass
+    except aiomqtt.MqttError as err:
+        return False, f"cannot connect to {endpoint.host}:{endpoint.port}: {err}"
+    return True, f"connected to {endpoint.host}:{endpoint.port}"
+
+
+if __name__ == "__main__":
+    logging.captureWarnings(True)
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""One long-lived MQTT connection: persistent session, reconnect, outbox, availability."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import aiomqtt
+
+from xiaoai_bridge.reconnect import ReconnectPolicy
+
+_LOGGER = logging.getLogger(__name__)
+
+ONLINE = "online"
+OFFLINE = "offline"
+# Received messages waiting for the source; beyond this the broker holds them (QoS 1).
+MAX_QUEUED_INCOMING = 10_000
+PUBLISH_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """A message waiting in the outbox."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A message from the broker, reduced to what sources need."""
+
+    topic: str
+    payload: bytes
+
+
+class MqttConnection:
+    """Keeps one connection up and carries every publish and subscription over it.
+
+    The session is persistent (clean_session=False), so QoS 1 questions published while the
+    bridge is away are delivered when it returns. Publications wait in an outbox while the
+    broker is unreachable and go out, in order, after the reconnect.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        client_id: str,
+        subscriptions: Sequence[str],
+        status_topic: str,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool = False,
+        keepalive_s: int = 30,
+        policy: ReconnectPolicy | None = None,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._client_id = client_id
+        self._subscriptions = tuple(subscriptions)
+        self._status_topic = status_topic
+        self._username = username
+        self._password = password
+        self._tls = tls
+        self._keepalive_s = keepalive_s
+        self.policy = policy or ReconnectPolicy(f"mqtt {host}:{port}", _LOGGER)
+        self._outbox: deque[Publication] = deque()
+        self._outbox_ready = asyncio.Event()
+        self._outbox_empty = asyncio.Event()
+        self._outbox_empty.set()
+        self._incoming: asyncio.Queue[Received] = asyncio.Queue(MAX_QUEUED_INCOMING)
+        self._connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+
+    @property
+    def connected(self) -> bool:
+        """True while the broker session is up."""
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        """Return once the connection is up."""
+        await self._connected.wait()
+
+    def publish(self, topic: str, payload: bytes | str, *, qos: int = 1,
+                retain: bool = False) -> None:
+        """Queue a message; it is sent as soon as the connection allows, in order."""
+        data = payload.encode() if isinstance(payload, str) else payload
+        self._outbox.append(Publication(topic, data, qos, retain))
+        self._outbox_ready.set()
+        self._outbox_empty.clear()
+
+    async def messages(self) -> AsyncIterator[Received]:
+        """Every message on the subscribed topics, across reconnects."""
+        while True:
+            yield await self._incoming.get()
+
+    @property
+    def pending(self) -> int:
+        """Publications not yet acknowledged by the broker."""
+        return len(self._outbox)
+
+    async def flush(self) -> None:
+        """Wait until the outbox is empty (used at shutdown, under a deadline)."""
+        await self._outbox_empty.wait()
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect with backoff; until cancelled."""
+        while True:
+            try:
+                await self._serve_once()
+            except aiomqtt.MqttCodeError as err:
+                auth = err.rc in (4, 5, 134, 135)  # bad credentials / not authorised
+                delay = self.policy.failed(err, auth=auth)
+            except (aiomqtt.MqttError, OSError, TimeoutError) as err:
+                delay = self.policy.failed(err)
+            finally:
+                self._connected.clear()
+                self._client = None
+            await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        """Announce `offline` (the will covers crashes; this covers orderly stops)."""
+        client = self._client
+        if client is not None and self.connected:
+            try:
+                await client.publish(self._status_topic, OFFLINE, qos=1, retain=True,
+                                     timeout=2.0)
+            except (aiomqtt.MqttError, TimeoutError) as err:
+                _LOGGER.debug("could not publish offline status: %s", err)
+        self.policy.stopped()
+
+    async def _serve_once(self) -> None:
+        client = aiomqtt.Client(
+            self._host,
+            self._port,
+            identifier=self._client_id,
+            username=self._username,
+            password=self._password,
+            clean_session=False,
+            keepalive=self._keepalive_s,
+            timeout=CONNECT_TIMEOUT_S,
+            will=aiomqtt.Will(self._status_topic, OFFLINE, qos=1, retain=True),
+            tls_context=ssl.create_default_context() if self._tls else None,
+            max_queued_incoming_messages=MAX_QUEUED_INCOMING,
+        )
+        async with client:
+            self._client = client
+            for topic in self._subscriptions:
+                await client.subscribe(topic, qos=1)
+            await client.publish(self._status_topic, ONLINE, qos=1, retain=True)
+            self._connected.set()
+            self.policy.connected()
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._send(client), name="mqtt:send")
+                    group.create_task(self._receive(client), name="mqtt:receive")
+            except ExceptionGroup as errors:
+                # Both tasks die of the same lost connection; report it once, plainly.
+                raise errors.exceptions[0] from None
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            data = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
+            await self._incoming.put(Received(str(message.topic), bytes(data)))
+
+    async def _send(self, client: aiomqtt.Client) -> None:
+        while True:
+            while not self._outbox:
+                self._outbox_ready.clear()
+                await self._outbox_ready.wait()
+            item = self._outbox[0]
+            # QoS 1: returns on PUBACK. If the connection drops first, the item stays at the
+            # head of the outbox and is sent again after the reconnect (at least once).
+            await client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain,
+                                 timeout=PUBLISH_TIMEOUT_S)
+            self._outbox.popleft()
+            if not self._outbox:
+                self._outbox_empty.set()

@@ -1,0 +1,326 @@
+"""The one validated configuration model: a TOML file plus environment variables."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from xiaoai_bridge.errors import ConfigError
+
+ENV_PREFIX = "XIAOAI_BRIDGE_"
+CONFIG_ENV = "XIAOAI_BRIDGE_CONFIG"
+CONFIG_FILE_NAME = "xiaoai-bridge.toml"
+
+DEFAULT_QUESTION_TOPIC = "/xiaomi/chatgpt"
+DEFAULT_REPLY_TOPIC = "/xiaomi/reply"
+DEFAULT_STATUS_TOPIC = "xiaoai-bridge/status"
+DEFAULT_CLIENT_ID = "xiaoai-bridge"
+DEFAULT_EMBEDDED_HOST = "127.0.0.1"
+DEFAULT_MQTT_PORT = 1883
+DEFAULT_MQTTS_PORT = 8883
+DEFAULT_MAX_PAYLOAD_BYTES = 4096
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_MODEL = "gpt-4o-mini"
+DEFAULT_SYSTEM_PROMPT = (
+    "你是一个智能音箱里的语音助手，你的回答会被直接朗读出来。"
+    "请用用户提问的语言回答，简短口语化，一般不超过三句话。"
+    "不要使用 Markdown、列表、表格、代码、链接或表情符号。"
+)
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_MAX_RETRIES = 2
+DEFAULT_MAX_CONCURRENT_LLM = 64
+DEFAULT_ANSWER_TIMEOUT_S = 120.0
+
+DEFAULT_STRIP_REGEX = "(.*机器人)"
+DEFAULT_KEYWORDS = ("机器人",)
+
+DEFAULT_MAX_TURNS = 10
+DEFAULT_MAX_HISTORY_TOKENS = 2000
+DEFAULT_FORGET_COMMANDS = ("清空对话", "忘掉之前的对话")
+
+DEFAULT_MIN_CHUNK_CHARS = 4
+DEFAULT_MAX_CHUNK_CHARS = 120
+
+
+def default_data_dir() -> Path:
+    """Per-user state directory, following the XDG convention."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "xiaoai-bridge"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MqttSettings(_Section):
+    """`[mqtt]`: the broker and the seed's topics."""
+
+    url: str | None = Field(
+        default=None,
+        description="Broker URL, e.g. mqtt://user:pass@host:1883 or mqtts://host:8883. "
+        "Unset: run an embedded broker on 127.0.0.1:1883.",
+    )
+    question_topic: str = Field(default=DEFAULT_QUESTION_TOPIC,
+                                description="Where questions arrive (the seed's topic).")
+    reply_topic: str = Field(default=DEFAULT_REPLY_TOPIC,
+                             description="Where complete answers go; sentences go to "
+                             "<reply_topic>/stream.")
+    status_topic: str = Field(default=DEFAULT_STATUS_TOPIC,
+                              description="Retained availability topic: online/offline.")
+    client_id: str = Field(default=DEFAULT_CLIENT_ID, min_length=1, max_length=23,
+                           description="MQTT client id; also names the persistent session.")
+    keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive.")
+    max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=16,
+                                   description="Larger questions get an apology, not an answer.")
+    embedded_port: int = Field(default=DEFAULT_MQTT_PORT, ge=1, le=65535,
+                               description="Port of the embedded broker (when url is unset).")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError("must start with mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError("has no host name")
+        try:
+            parts.port  # noqa: B018  # urlsplit only validates the port when asked
+        except ValueError as err:
+            raise ValueError(f"has an invalid port: {err}") from None
+        return value
+
+    @field_validator("question_topic", "reply_topic", "status_topic")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        if not value or "+" in value or "#" in value:
+            raise ValueError("must be a non-empty topic without wildcards")
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        """True when no external broker is configured."""
+        return self.url is None
+
+    def endpoint(self) -> MqttEndpoint:
+        """Where to connect: the configured broker, or the embedded one."""
+        if self.url is None:
+            return MqttEndpoint(host=DEFAULT_EMBEDDED_HOST, port=self.embedded_port)
+        parts = urlsplit(self.url)
+        tls = parts.scheme in ("mqtts", "ssl")
+        return MqttEndpoint(
+            host=parts.hostname or "",
+            port=parts.port or (DEFAULT_MQTTS_PORT if tls else DEFAULT_MQTT_PORT),
+            username=unquote(parts.username) if parts.username else None,
+            password=SecretStr(unquote(parts.password)) if parts.password else None,
+            tls=tls,
+        )
+
+    @property
+    def stream_topic(self) -> str:
+        """Where each sentence is published as soon as it is ready."""
+        return f"{self.reply_topic}/stream"
+
+    @property
+    def error_topic(self) -> str:
+        """Where rejected input is reported."""
+        return f"{self.reply_topic}/error"
+
+
+class MqttEndpoint(BaseModel):
+    """A broker address resolved from `[mqtt] url`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str
+    port: int
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: bool = False
+
+
+class LLMSettings(_Section):
+    """`[llm]`: any OpenAI-compatible chat-completions provider."""
+
+    base_url: str = Field(default=OPENAI_BASE_URL,
+                          description="API base URL (OpenAI SDK convention, ends in /v1 for "
+                          "most providers). Falls back to $OPENAI_BASE_URL.")
+    api_key: SecretStr | None = Field(default=None,
+                                      description="API key. Falls back to $OPENAI_API_KEY.")
+    model: str = Field(default=DEFAULT_MODEL, min_length=1, description="Model name.")
+    system_prompt: str = Field(default=DEFAULT_SYSTEM_PROMPT,
+                               description="System prompt; the default suits a speaker.")
+    timeout_s: float = Field(default=DEFAULT_TIMEOUT_S, gt=0,
+                             description="Per-request network timeout, in seconds.")
+    max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=10,
+                             description="Retries on 429/5xx/connection errors, with backoff.")
+    max_concurrent: int = Field(default=DEFAULT_MAX_CONCURRENT_LLM, ge=1,
+                                description="In-flight LLM calls at most (protects the "
+                                "provider).")
+    answer_timeout_s: float = Field(default=DEFAULT_ANSWER_TIMEOUT_S, gt=0,
+                                    description="Deadline for a whole answer, in seconds.")
+    temperature: float | None = Field(default=None, ge=0, le=2,
+                                      description="Sampling temperature (provider default).")
+    max_tokens: int | None = Field(default=None, ge=1,
+                                   description="Answer length cap in tokens (provider default).")
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @property
+    def needs_key(self) -> bool:
+        """Hosted OpenAI needs a key; local servers (Ollama, vLLM) usually do not."""
+        return urlsplit(self.base_url).hostname == urlsplit(OPENAI_BASE_URL).hostname
+
+
+class TriggerSettings(_Section):
+    """`[trigger]`: which messages are questions and what prefix to strip."""
+
+    strip_regex: str = Field(default=DEFAULT_STRIP_REGEX,
+                             description="Removed from the text before it is asked (the "
+                             "seed's wake prefix).")
+    mode: Literal["all", "keyword"] = Field(default="all",
+                                            description="all: answer every message; keyword: "
+                                            "only messages containing one of `keywords`.")
+    keywords: tuple[str, ...] = Field(default=DEFAULT_KEYWORDS,
+                                      description="Trigger words for mode = keyword.")
+
+    @field_validator("strip_regex")
+    @classmethod
+    def _check_regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"is not a valid regular expression: {err}") from None
+        return value
+
+
+class MemorySettings(_Section):
+    """`[memory]`: conversation history kept per device."""
+
+    max_turns: int = Field(default=DEFAULT_MAX_TURNS, ge=0,
+                           description="Question/answer pairs sent with each question "
+                           "(0 disables memory).")
+    max_tokens: int = Field(default=DEFAULT_MAX_HISTORY_TOKENS, ge=0,
+                            description="Approximate token budget for that history.")
+    forget_commands: tuple[str, ...] = Field(default=DEFAULT_FORGET_COMMANDS,
+                                             description="Phrases that clear a device's "
+                                             "memory.")
+
+
+class SpeechSettings(_Section):
+    """`[speech]`: how answers are cut into spoken chunks."""
+
+    min_chars: int = Field(default=DEFAULT_MIN_CHUNK_CHARS, ge=1,
+                           description="Shorter sentences are merged with the next one.")
+    max_chars: int = Field(default=DEFAULT_MAX_CHUNK_CHARS, ge=8,
+                           description="Longer runs are cut at a comma or space.")
+
+
+class Settings(BaseSettings):
+    """Everything xiaoai-bridge reads at start, validated before anything connects."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    data_dir: Path = Field(default_factory=default_data_dir,
+                           description="Where state lives (memory database, token caches).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log verbosity.")
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    trigger: TriggerSettings = Field(default_factory=TriggerSettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
+    speech: SpeechSettings = Field(default_factory=SpeechSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; environment variables win over it.
+        return (env_settings, init_settings)
+
+
+def find_config_file(explicit: Path | None) -> Path | None:
+    """The config file to read: --config, $XIAOAI_BRIDGE_CONFIG, ./xiaoai-bridge.toml, or none."""
+    if explicit is not None:
+        return explicit
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        return Path(from_env)
+    local = Path(CONFIG_FILE_NAME)
+    if local.is_file():
+        return local
+    user = Path.home() / ".config" / "xiaoai-bridge" / "config.toml"
+    return user if user.is_file() else None
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read and validate the configuration; raise ConfigError naming each bad key."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from err
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path} is not valid TOML: {err}") from err
+    _apply_openai_fallbacks(data)
+    try:
+        return Settings(**data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, path)) from None
+
+
+def _apply_openai_fallbacks(data: dict[str, Any]) -> None:
+    # OPENAI_* only fill what neither the file nor XIAOAI_BRIDGE_LLM__* set, so a global
+    # OpenAI key is never sent to the other provider a config file names.
+    llm = data.setdefault("llm", {})
+    if not isinstance(llm, dict):
+        return
+    for key, env in (("api_key", "OPENAI_API_KEY"), ("base_url", "OPENAI_BASE_URL")):
+        ours = f"{ENV_PREFIX}LLM__{key.upper()}"
+        if not llm.get(key) and not os.environ.get(ours) and os.environ.get(env):
+            llm[key] = os.environ[env]
+        elif llm.get(key) == "":
+            del llm[key]
+
+
+def _describe(err: ValidationError, path: Path | None) -> str:
+    where = f" in {path}" if path else ""
+    lines = [f"invalid configuration{where}:"]
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling and section)"
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        env = ENV_PREFIX + "__".join(str(part).upper() for part in problem["loc"])
+        lines.append(f"  {key}: {message} (set it in the file or with ${env})")
+    return "\n".join(lines)

@@ -1,0 +1,196 @@
+"""One utterance in, spoken chunks out: trigger, commands, memory, streaming LLM, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import unicodedata
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from xiaoai_bridge.errors import BridgeError, LLMError
+from xiaoai_bridge.llm.base import ChatBackend, ChatMessage
+from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
+from xiaoai_bridge.pipeline.chunker import SentenceChunker
+from xiaoai_bridge.pipeline.memory import ConversationMemory
+from xiaoai_bridge.pipeline.speech import SpeechCleaner
+from xiaoai_bridge.pipeline.trigger import Trigger
+from xiaoai_bridge.sinks.base import Sink
+
+_LOGGER = logging.getLogger(__name__)
+
+# What the speaker says when something goes wrong: short, fixed, never the raw error.
+APOLOGIES: Mapping[str, str] = {
+    "not_configured": "还没有配置大模型的密钥，请在 xiaoai-bridge 的配置里设置 API key。",
+    "timeout": "抱歉，大模型响应超时了，请稍后再问一次。",
+    "connection": "抱歉，暂时连不上大模型，请稍后再试。",
+    "rate_limited": "抱歉，现在提问的人太多了，请稍后再试。",
+    "server_error": "抱歉，大模型服务出错了，请稍后再试。",
+    "auth": "抱歉，大模型拒绝了我们的密钥，请检查 API key 的配置。",
+    "empty": "抱歉，这次没有得到回答，请换个说法再问一次。",
+    "too_long": "抱歉，这个问题太长了，请说得简短一些。",
+    "bad_input": "抱歉，我没能读懂这条消息。",
+}
+GENERIC_APOLOGY = "抱歉，出了点问题，请稍后再试。"
+INTERRUPTED_APOLOGY = "抱歉，回答被打断了。"
+FORGET_REPLY = "好的，之前的对话我已经忘掉了。"
+WAKE_ONLY_REPLY = "我在，请问有什么可以帮你？"
+
+
+def apology_for(reason: str) -> str:
+    """The spoken phrase for a failure reason."""
+    return APOLOGIES.get(reason, GENERIC_APOLOGY)
+
+
+def join_sentences(parts: Iterable[str]) -> str:
+    """Join spoken chunks back into one text: no space after CJK, one after Western text."""
+    text = ""
+    for part in parts:
+        if text and not _is_wide(text[-1]) and not _is_wide(part[0]):
+            text += " "
+        text += part
+    return text
+
+
+def _is_wide(char: str) -> bool:
+    return unicodedata.east_asian_width(char) in "WF"
+
+
+def _normalize_command(text: str) -> str:
+    # Speech recognition adds punctuation and spaces at will; compare letters only.
+    return "".join(c for c in text if unicodedata.category(c)[0] in "LN").lower()
+
+
+@dataclass
+class PipelineSettings:
+    """The knobs of the pipeline, resolved from config by the app."""
+
+    system_prompt: str
+    forget_commands: Iterable[str] = ()
+    min_chunk_chars: int = 4
+    max_chunk_chars: int = 120
+    max_concurrent_llm: int = 64
+    answer_timeout_s: float = 120.0
+    triggers: Mapping[str, Trigger] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Answers utterances by driving a sink through begin, chunks and end."""
+
+    def __init__(
+        self,
+        *,
+        backend: ChatBackend,
+        memory: ConversationMemory,
+        settings: PipelineSettings,
+        default_trigger: Trigger,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._backend = backend
+        self._memory = memory
+        self._settings = settings
+        self._default_trigger = default_trigger
+        self._forget = {_normalize_command(c) for c in settings.forget_commands} - {""}
+        self._llm_slots = asyncio.Semaphore(settings.max_concurrent_llm)
+        self._clock = clock
+
+    async def handle(self, utterance: Utterance, sink: Sink) -> Answer:
+        """Answer one utterance through `sink`; never raises for an expected failure."""
+        run = _Run(utterance, sink, self._clock)
+        if utterance.rejected:
+            _LOGGER.warning("rejected %s message from %s: %s", utterance.source,
+                            utterance.device, utterance.rejected)
+            await run.say(apology_for(utterance.rejected), final=True)
+            return await run.end(Outcome.FAILED, reason=utterance.rejected)
+        trigger = self._settings.triggers.get(utterance.source, self._default_trigger)
+        question = trigger.apply(utterance.text)
+        if question is None:
+            _LOGGER.debug("not triggered, left to XiaoAi: %r", utterance.text)
+            return await run.end(Outcome.IGNORED, reason="not_triggered")
+        await run.begin()
+        if not question:
+            await run.say(WAKE_ONLY_REPLY, final=True)
+            return await run.end(Outcome.COMMAND, reason="wake_only")
+        if _normalize_command(question) in self._forget:
+            dropped = self._memory.forget(utterance.device)
+            _LOGGER.info("forgot %d turns of %s's conversation", dropped, utterance.device)
+            await run.say(FORGET_REPLY, final=True)
+            return await run.end(Outcome.COMMAND, reason="forget")
+        return await self._ask(run, question)
+
+    async def _ask(self, run: _Run, question: str) -> Answer:
+        device = run.utterance.device
+        messages = [ChatMessage("system", self._settings.system_prompt),
+                    *self._memory.history(device), ChatMessage("user", question)]
+        chunker = SentenceChunker(min_chars=self._settings.min_chunk_chars,
+                                  max_chars=self._settings.max_chunk_chars)
+        cleaner = SpeechCleaner()
+        try:
+            async with self._llm_slots, asyncio.timeout(self._settings.answer_timeout_s):
+                async for delta in self._backend.stream(messages):
+                    for sentence in chunker.feed(delta):
+                        await run.say(cleaner.clean(sentence), final=False)
+            await run.say(cleaner.clean(chunker.flush()), final=True)
+        except (LLMError, TimeoutError) as err:
+            reason = err.reason if isinstance(err, LLMError) else "timeout"
+            detail = err.detail if isinstance(err, LLMError) else "answer deadline passed"
+            _LOGGER.warning("LLM failed for %s (%s): %s", device, reason, detail)
+            if reason == "not_configured":
+                _LOGGER.warning("set an API key: [llm] api_key in the config file, or the "
+                                "OPENAI_API_KEY / XIAOAI_BRIDGE_LLM__API_KEY environment "
+                                "variable (and [llm] base_url for other providers)")
+            phrase = apology_for(reason) if run.seq == 0 else INTERRUPTED_APOLOGY
+            await run.say(phrase, final=True)
+            return await run.end(Outcome.FAILED, reason=reason)
+        if not run.spoken:
+            _LOGGER.warning("LLM answer for %s had nothing speakable", device)
+            await run.say(apology_for("empty"), final=True)
+            return await run.end(Outcome.FAILED, reason="empty")
+        self._memory.remember(device, question, run.text)
+        return await run.end(Outcome.ANSWERED)
+
+
+class _Run:
+    """The state of one answer while it is being spoken."""
+
+    def __init__(self, utterance: Utterance, sink: Sink, clock: Callable[[], float]) -> None:
+        self.utterance = utterance
+        self.sink = sink
+        self.seq = 0
+        self.spoken: list[str] = []
+        self._clock = clock
+        self._started = clock()
+        self._first_chunk: float | None = None
+
+    @property
+    def text(self) -> str:
+        return join_sentences(self.spoken)
+
+    async def begin(self) -> None:
+        await self._guard(self.sink.begin(self.utterance))
+
+    async def say(self, text: str, *, final: bool) -> None:
+        # An empty non-final chunk says nothing; an empty final one still closes the stream.
+        if not text and not final:
+            return
+        if self._first_chunk is None and text:
+            self._first_chunk = self._clock() - self._started
+        if text:
+            self.spoken.append(text)
+        chunk = SpeechChunk(self.utterance.id, self.utterance.device, self.seq, text, final)
+        self.seq += 1
+        await self._guard(self.sink.chunk(self.utterance, chunk))
+
+    async def end(self, outcome: Outcome, *, reason: str = "") -> Answer:
+        answer = Answer(self.utterance, outcome, self.text, reason, self._first_chunk,
+                        self._clock() - self._started)
+        await self._guard(self.sink.end(answer))
+        return answer
+
+    async def _guard(self, call: Awaitable[None]) -> None:
+        # A sink failure is that sink's problem; the answer goes on for the others' sake.
+        try:
+            await call
+        except BridgeError as err:
+            _LOGGER.warning("sink %s failed: %s", self.sink.name, err)
