@@ -1,0 +1,110 @@
+"""Config loading: TOML plus environment, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from xiaoai_bridge.config import (
+    DEFAULT_QUESTION_TOPIC,
+    DEFAULT_REPLY_TOPIC,
+    DEFAULT_STRIP_REGEX,
+    OPENAI_BASE_URL,
+    load_settings,
+)
+from xiaoai_bridge.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "XIAOAI_BRIDGE_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_match_the_seed(tmp_path: Path) -> None:
+    settings = load_settings(None)
+    assert settings.mqtt.question_topic == DEFAULT_QUESTION_TOPIC == "/xiaomi/chatgpt"
+    assert settings.mqtt.reply_topic == DEFAULT_REPLY_TOPIC == "/xiaomi/reply"
+    assert settings.trigger.strip_regex == DEFAULT_STRIP_REGEX == "(.*机器人)"
+    assert settings.trigger.mode == "all"
+    assert settings.mqtt.embedded
+    assert settings.llm.base_url == OPENAI_BASE_URL
+    assert settings.llm.api_key is None
+    assert settings.data_dir == tmp_path / "xdg" / "xiaoai-bridge"
+
+
+def test_example_config_loads_and_uses_defaults() -> None:
+    settings = load_settings(REPO / "xiaoai-bridge.example.toml")
+    assert settings.mqtt.question_topic == "/xiaomi/chatgpt"
+    assert settings.memory.forget_commands == ("清空对话", "忘掉之前的对话")
+
+
+def test_environment_wins_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, '[llm]\nmodel = "from-file"\ntimeout_s = 7\n')
+    monkeypatch.setenv("XIAOAI_BRIDGE_LLM__MODEL", "from-env")
+    settings = load_settings(path)
+    assert settings.llm.model == "from-env"
+    assert settings.llm.timeout_s == 7
+
+
+def test_openai_env_vars_fill_in_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-openai-env")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:11434/v1/")
+    settings = load_settings(None)
+    assert settings.llm.api_key is not None
+    assert settings.llm.api_key.get_secret_value() == "sk-from-openai-env"
+    assert settings.llm.base_url == "http://127.0.0.1:11434/v1"
+
+
+def test_openai_key_never_overrides_a_configured_provider_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, '[llm]\nbase_url = "https://api.deepseek.com/v1"\napi_key = "sk-ds"\n')
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-global")
+    settings = load_settings(path)
+    assert settings.llm.api_key is not None
+    assert settings.llm.api_key.get_secret_value() == "sk-ds"
+
+
+def test_mqtt_url_is_parsed(tmp_path: Path) -> None:
+    path = write(tmp_path, '[mqtt]\nurl = "mqtts://bob:p%40ss@broker.lan"\n')
+    endpoint = load_settings(path).mqtt.endpoint()
+    assert (endpoint.host, endpoint.port, endpoint.tls, endpoint.username) == (
+        "broker.lan", 8883, True, "bob")
+    assert endpoint.password is not None
+    assert endpoint.password.get_secret_value() == "p@ss"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[mqtt]\nurl = "http://x"\n', "mqtt.url: must start with mqtt://"),
+        ('[llm]\ntimeout_s = -1\n', "llm.timeout_s:"),
+        ('[trigger]\nstrip_regex = "(unclosed"\n', "trigger.strip_regex: is not a valid regular"),
+        ('[trigger]\nmode = "sometimes"\n', "trigger.mode:"),
+        ('[llm]\nmodle = "x"\n', "llm.modle: unknown key"),
+        ('[mqtt]\nquestion_topic = "a/#"\n', "mqtt.question_topic: must be a non-empty topic"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    assert expected in str(caught.value)
+    assert "XIAOAI_BRIDGE_" in str(caught.value)
+
+
+def test_broken_toml_and_missing_file_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(write(tmp_path, "[mqtt\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
