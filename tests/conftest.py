@@ -36,12 +36,14 @@ async def llm() -> AsyncIterator[FakeOpenAI]:
         yield server
 
 
-def make_settings(tmp_path: Path, broker: Mosquitto, llm: FakeOpenAI, **sections: Any) -> Settings:
+def make_settings(
+    tmp_path: Path, broker: Mosquitto, fake_llm: FakeOpenAI, **sections: Any
+) -> Settings:
     """Settings pointing at the test broker and fake LLM; `sections` override whole sections."""
     values: dict[str, Any] = {
         "data_dir": tmp_path / "data",
         "mqtt": MqttSettings(url=broker.url, client_id="bridge-under-test"),
-        "llm": LLMSettings(base_url=llm.base_url, api_key=API_KEY, model="fake-model",
+        "llm": LLMSettings(base_url=fake_llm.base_url, api_key=API_KEY, model="fake-model",
                            timeout_s=5, max_retries=0),
     }
     values.update(sections)
