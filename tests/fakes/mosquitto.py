@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
 import os
 import shutil
 import signal
@@ -98,7 +97,7 @@ class Mosquitto:
 
     @property
     def data_dir(self) -> Path:
-        """Temp directory with the config, password file, log and persistence database."""
+        """Temp dir with config, password file, log and persistence db (made on first use)."""
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="mosquitto-"))
         return self._dir
@@ -110,6 +109,8 @@ class Mosquitto:
 
     def log_text(self) -> str:
         """Everything mosquitto logged so far."""
+        if self._dir is None:
+            return ""
         try:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
@@ -207,14 +208,12 @@ class Mosquitto:
         path.chmod(0o600)
 
     def _config(self) -> str:
-        # Running as root, mosquitto would drop to user "mosquitto", who cannot write our dir.
         lines = [
             f"listener {self._port} {HOST}",
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             "persistence true",
             f"persistence_location {self.data_dir}{os.sep}",
             "persistence_file mosquitto.db",
-            f"user {getpass.getuser()}",
             "log_dest stderr",
             "log_type error",
             "log_type warning",
@@ -222,6 +221,9 @@ class Mosquitto:
             "log_type information",
             "connection_messages true",
         ]
+        if os.getuid() == 0:
+            # As root mosquitto would switch to user "mosquitto", who cannot write our dir.
+            lines.append("user root")
         if self.username is not None:
             lines.append(f"password_file {self.data_dir / 'passwd'}")
         lines.extend(self.extra_config)

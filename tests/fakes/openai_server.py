@@ -37,15 +37,15 @@ AnswerSource = str | Callable[[Messages], str]
 
 
 class Fault(StrEnum):
-    """Ways the fake can misbehave, named after what a client observes."""
+    """Ways the fake can misbehave; mid-stream faults fire after ``after_tokens`` tokens."""
 
-    SERVER_ERROR = "500"
-    RATE_LIMIT = "429"
-    HANG = "hang"
-    HANG_MID_STREAM = "hang_mid_stream"
-    MALFORMED_FRAME = "malformed"
-    EMPTY_CHOICES = "empty_choices"
-    DROP_MID_STREAM = "drop"
+    SERVER_ERROR = "500"  # OpenAI's server_error body
+    RATE_LIMIT = "429"  # rate_limit_exceeded body plus Retry-After
+    HANG = "hang"  # no response at all until the client gives up
+    HANG_MID_STREAM = "hang_mid_stream"  # some tokens, then silence (non-stream: like HANG)
+    MALFORMED_FRAME = "malformed"  # one cut-off JSON frame, then the rest (non-stream: cut body)
+    EMPTY_CHOICES = "empty_choices"  # ``choices: []`` in the body or in every chunk
+    DROP_MID_STREAM = "drop"  # some tokens, then the TCP connection is aborted
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,10 @@ def _error_body(message: str, type_: str, code: str | None, param: str | None = 
 class FakeOpenAI:
     """OpenAI-compatible chat server on 127.0.0.1 with settable timing, answers and faults.
 
+    ``first_token_delay`` passes before the response headers, as with the real API;
+    ``token_delay`` passes between tokens (for a non-stream answer, once per token in total).
+    Every attribute set in the constructor may be changed between requests.
+
     Usage::
 
         async with FakeOpenAI(api_key="test-key") as llm:
@@ -211,6 +215,7 @@ class FakeOpenAI:
         app = web.Application()
         app.router.add_post(CHAT_PATH, self._handle_chat)
         app.router.add_get(MODELS_PATH, self._handle_models)
+        app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
         # Cancelling handlers when the client disconnects lets "hang" faults end with the client.
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1)
         await runner.setup()
@@ -392,6 +397,11 @@ class FakeOpenAI:
         ]
         return self._json_response(record, 200, _dumps({"object": "list", "data": data}))
 
+    async def _handle_unknown(self, request: web.Request) -> web.Response:
+        record = self._record(request, None)
+        message = f"Invalid URL ({request.method} {request.path})"
+        return self._json_response(record, 404, _error_body(message, "invalid_request_error", None))
+
     async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         try:
@@ -464,7 +474,8 @@ class FakeOpenAI:
             )
         if fault is Fault.HANG or (fault is Fault.HANG_MID_STREAM and not record.stream):
             await self._hang()
-            raise web.HTTPServiceUnavailable
+            self._drop(request)
+            raise web.HTTPServiceUnavailable  # never reaches the client: the socket is gone
         if fault is Fault.DROP_MID_STREAM and not record.stream:
             self._drop(request)
             raise web.HTTPServiceUnavailable

@@ -225,6 +225,13 @@ async def test_missing_api_key_is_401_with_openai_error_shape(llm: FakeOpenAI) -
     assert body["error"]["message"]
 
 
+async def test_unknown_path_is_openai_404(llm: FakeOpenAI, client: AsyncOpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.get("/engines", cast_to=ChatCompletion)
+    assert caught.value.type == "invalid_request_error"
+    assert "Invalid URL (GET /v1/engines)" in caught.value.message
+
+
 async def test_missing_messages_is_400(client: AsyncOpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         await client.post("/chat/completions", body={"model": MODEL}, cast_to=ChatCompletion)
@@ -306,6 +313,24 @@ async def test_hang_times_out_client(llm: FakeOpenAI, client: AsyncOpenAI, strea
             model=MODEL, messages=QUESTION, stream=stream
         )
     assert llm.fault_counts[Fault.HANG] == 1
+
+
+async def test_close_releases_hanging_requests() -> None:
+    fake = FakeOpenAI(api_key=API_KEY)
+    await fake.start()
+    try:
+        fake.set_fault(Fault.HANG)
+        async with AsyncOpenAI(base_url=fake.base_url, api_key=API_KEY, max_retries=0) as sdk:
+            task = asyncio.create_task(sdk.chat.completions.create(model=MODEL, messages=QUESTION))
+            async with asyncio.timeout(5):
+                await fake.wait_for_requests(1)
+            started = time.monotonic()
+            await fake.close()
+            assert time.monotonic() - started < 0.5
+            with pytest.raises(openai.APIConnectionError):
+                await task
+    finally:
+        await fake.close()
 
 
 async def test_hang_mid_stream_stalls_after_some_tokens(
