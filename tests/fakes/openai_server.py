@@ -225,9 +225,7 @@ class FakeOpenAI:
         except BaseException:
             await runner.cleanup()
             raise
-        server = site._server  # aiohttp exposes no public accessor for the bound port
-        assert isinstance(server, asyncio.base_events.Server)
-        self._port = server.sockets[0].getsockname()[1]
+        self._port = int(runner.addresses[0][1])
         self._closing.clear()
         self._runner = runner
 
