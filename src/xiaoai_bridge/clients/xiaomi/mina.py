@@ -1,0 +1,237 @@
+"""MiNA API client: the speaker list and ubus calls (cloud TTS, pause/stop, play status)."""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import secrets
+import string
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from xiaoai_bridge.clients.xiaomi.auth import (
+    SID_MINA,
+    ServiceCredentials,
+    XiaomiAuth,
+    cookie_header,
+)
+from xiaoai_bridge.clients.xiaomi.errors import XiaomiApiError, check_status, network_errors
+
+_LOGGER = logging.getLogger(__name__)
+
+DEFAULT_MINA_URL = "https://api2.mina.mi.com"
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MINA_USER_AGENT = (
+    "MiHome/6.0.103 (com.xiaomi.mihome; build:6.0.103.1; iOS 14.4.0) "
+    "Alamofire/6.0.103 MICO/iOSApp/appStore/6.0.103"
+)
+# The media name the iOS app uses for player operations.
+_MEDIA = "app_ios"
+_REQUEST_ID_LEN = 30
+_SERVICE = "MiNA"
+
+
+class PlayState(enum.IntEnum):
+    """`status` of player_get_play_status."""
+
+    IDLE = 0
+    PLAYING = 1
+    PAUSED = 2
+    STOPPED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class MinaDevice:
+    """One speaker as MiNA lists it."""
+
+    device_id: str  # MiNA deviceID (UUID): ubus and conversation-log deviceId
+    name: str
+    alias: str
+    hardware: str  # e.g. "LX06"
+    miot_did: str  # numeric MIoT did, "" if MiNA does not know it
+    serial_number: str
+    online: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PlayStatus:
+    """The speaker's player state; `status` is kept raw because models add values."""
+
+    status: int
+    volume: int | None = None
+    media_type: int | None = None
+    position_ms: int | None = None
+    duration_ms: int | None = None
+
+    @property
+    def playing(self) -> bool:
+        """True while the speaker is playing (speech or media)."""
+        return self.status == PlayState.PLAYING
+
+
+def new_request_id() -> str:
+    """A MiNA requestId as the iOS app makes them: `app_ios_` and 30 random characters."""
+    alphabet = string.ascii_letters + string.digits
+    return "app_ios_" + "".join(secrets.choice(alphabet) for _ in range(_REQUEST_ID_LEN))
+
+
+def parse_device(item: dict[str, Any]) -> MinaDevice:
+    """One entry of device_list's `data`."""
+    return MinaDevice(
+        device_id=str(item.get("deviceID") or ""),
+        name=str(item.get("name") or ""),
+        alias=str(item.get("alias") or ""),
+        hardware=str(item.get("hardware") or ""),
+        miot_did=str(item.get("miotDID") or ""),
+        serial_number=str(item.get("serialNumber") or ""),
+        online=item.get("presence") == "online",
+    )
+
+
+def parse_play_status(data: object) -> PlayStatus:
+    """player_get_play_status's `data`, whose `info` is a JSON string."""
+    info_text = data.get("info") if isinstance(data, dict) else None
+    try:
+        info = json.loads(info_text) if isinstance(info_text, str) else None
+    except ValueError as err:
+        raise XiaomiApiError(_SERVICE, "bad_response", "play status info is not JSON") from err
+    if not isinstance(info, dict) or not isinstance(info.get("status"), int):
+        raise XiaomiApiError(_SERVICE, "bad_response", "play status without a status")
+    detail = info.get("play_song_detail")
+    detail = detail if isinstance(detail, dict) else {}
+    return PlayStatus(
+        status=info["status"],
+        volume=_int_or_none(info.get("volume")),
+        media_type=_int_or_none(info.get("media_type")),
+        position_ms=_int_or_none(detail.get("position")),
+        duration_ms=_int_or_none(detail.get("duration")),
+    )
+
+
+class MinaClient:
+    """MiNA calls, each retried once after a re-login when the token is rejected."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        auth: XiaomiAuth,
+        *,
+        base_url: str = DEFAULT_MINA_URL,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        user_agent: str = DEFAULT_MINA_USER_AGENT,
+    ) -> None:
+        self._session = session
+        self._auth = auth
+        self._base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._user_agent = user_agent
+
+    async def device_list(self) -> list[MinaDevice]:
+        """Every speaker on the account (shared devices are not listed by Xiaomi)."""
+
+        async def request(creds: ServiceCredentials) -> object:
+            with network_errors(_SERVICE):
+                async with self._session.get(
+                    f"{self._base_url}/admin/v2/device_list",
+                    params={"master": "0", "requestId": new_request_id()},
+                    headers=self._headers(creds),
+                    timeout=self._timeout,
+                ) as resp:
+                    check_status(_SERVICE, resp.status)
+                    return _envelope_data(await resp.text())
+
+        data = await self._auth.call(SID_MINA, request)
+        if not isinstance(data, list):
+            raise XiaomiApiError(_SERVICE, "bad_response", "device_list data is not a list")
+        return [parse_device(item) for item in data if isinstance(item, dict)]
+
+    async def ubus(self, device_id: str, path: str, method: str, message: dict[str, Any]) -> Any:
+        """Relay `ubus call <path> <method> <message>` to the speaker; returns `data`.
+
+        Success means delivered, not done: the speaker may still drop it silently.
+        """
+        form = {
+            "deviceId": device_id,
+            "path": path,
+            "method": method,
+            "message": json.dumps(message, ensure_ascii=False),
+        }
+
+        async def request(creds: ServiceCredentials) -> object:
+            with network_errors(_SERVICE):
+                async with self._session.post(
+                    f"{self._base_url}/remote/ubus",
+                    data={**form, "requestId": new_request_id()},
+                    headers=self._headers(creds),
+                    timeout=self._timeout,
+                ) as resp:
+                    check_status(_SERVICE, resp.status)
+                    return _envelope_data(await resp.text())
+
+        _LOGGER.debug("ubus %s %s", path, method)
+        return await self._auth.call(SID_MINA, request)
+
+    async def text_to_speech(self, device_id: str, text: str) -> None:
+        """Speak `text` with XiaoAi's cloud TTS."""
+        await self.ubus(device_id, "mibrain", "text_to_speech", {"text": text})
+
+    async def player_operation(self, device_id: str, action: str) -> None:
+        """player_play_operation: "pause", "play", "stop" or "toggle"."""
+        await self.ubus(
+            device_id, "mediaplayer", "player_play_operation", {"action": action, "media": _MEDIA}
+        )
+
+    async def pause(self, device_id: str) -> None:
+        """Pause whatever the speaker is saying or playing."""
+        await self.player_operation(device_id, "pause")
+
+    async def stop(self, device_id: str) -> None:
+        """Stop whatever the speaker is saying or playing."""
+        await self.player_operation(device_id, "stop")
+
+    async def play_status(self, device_id: str) -> PlayStatus:
+        """The speaker's player state."""
+        data = await self.ubus(
+            device_id, "mediaplayer", "player_get_play_status", {"media": _MEDIA}
+        )
+        return parse_play_status(data)
+
+    async def play_url(self, device_id: str, url: str, *, music: bool = False) -> None:
+        """Play an audio URL (type 1 lights the ring as for music, type 2 does not)."""
+        await self.ubus(
+            device_id,
+            "mediaplayer",
+            "player_play_url",
+            {"url": url, "type": 1 if music else 2, "media": _MEDIA},
+        )
+
+    async def set_volume(self, device_id: str, volume: int) -> None:
+        """Set the speaker volume (0-100)."""
+        await self.ubus(
+            device_id, "mediaplayer", "player_set_volume", {"volume": volume, "media": _MEDIA}
+        )
+
+    def _headers(self, creds: ServiceCredentials) -> dict[str, str]:
+        cookies = {"userId": creds.user_id, "serviceToken": creds.service_token}
+        return {"User-Agent": self._user_agent, "Cookie": cookie_header(cookies)}
+
+
+def _envelope_data(text: str) -> Any:
+    """`data` of a MiNA `{"code", "message", "data"}` answer; a non-zero code raises."""
+    try:
+        body = json.loads(text)
+    except ValueError as err:
+        raise XiaomiApiError(_SERVICE, "bad_response", "answer is not JSON") from err
+    if not isinstance(body, dict):
+        raise XiaomiApiError(_SERVICE, "bad_response", "answer is not a JSON object")
+    code = body.get("code")
+    if code != 0:
+        raise XiaomiApiError(_SERVICE, code, str(body.get("message") or "")[:120])
+    return body.get("data")
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
