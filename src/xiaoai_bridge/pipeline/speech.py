@@ -122,7 +122,7 @@ def _table_row(text: str) -> str:
 
 
 def _inline(text: str) -> str:
-    # An escaped marker ("\\*") is still not a word to speak: unescape, then treat it as markup.
+    # An escaped marker such as \* is still not a word to speak: unescape, then treat it as markup.
     text = _ESCAPE.sub(r"\1", text)
     text = _AUTOLINK.sub("", text)
     text = _LINK.sub(lambda link: "" if link[1] else link[2], text)
