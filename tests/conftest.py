@@ -12,6 +12,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from pydantic import SecretStr
 
 from tests.fakes.mosquitto import Mosquitto
 from tests.fakes.openai_server import FakeOpenAI
@@ -36,6 +37,18 @@ async def llm() -> AsyncIterator[FakeOpenAI]:
         yield server
 
 
+def llm_settings(fake_llm: FakeOpenAI, **values: Any) -> LLMSettings:
+    """`[llm]` pointing at the fake, with the test key; `values` override."""
+    defaults: dict[str, Any] = {
+        "base_url": fake_llm.base_url,
+        "api_key": SecretStr(API_KEY),
+        "model": "fake-model",
+        "timeout_s": 5,
+        "max_retries": 0,
+    }
+    return LLMSettings(**(defaults | values))
+
+
 def make_settings(
     tmp_path: Path, broker: Mosquitto, fake_llm: FakeOpenAI, **sections: Any
 ) -> Settings:
@@ -43,8 +56,7 @@ def make_settings(
     values: dict[str, Any] = {
         "data_dir": tmp_path / "data",
         "mqtt": MqttSettings(url=broker.url, client_id="bridge-under-test"),
-        "llm": LLMSettings(base_url=fake_llm.base_url, api_key=API_KEY, model="fake-model",
-                           timeout_s=5, max_retries=0),
+        "llm": llm_settings(fake_llm),
     }
     values.update(sections)
     return Settings(**values)
@@ -68,24 +80,24 @@ class Probe:
         data = json.dumps(payload, ensure_ascii=False) if isinstance(payload, dict) else payload
         await self.client.publish(self.question_topic, data, qos=1)
 
-    async def reply(self, timeout: float = WAIT_S) -> bytes:
+    async def reply(self, wait_s: float = WAIT_S) -> bytes:
         """The next complete answer on the reply topic."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait_s):
             return await self.replies.get()
 
-    async def reply_text(self, timeout: float = WAIT_S) -> str:
+    async def reply_text(self, wait_s: float = WAIT_S) -> str:
         """The next complete answer, decoded."""
-        return (await self.reply(timeout)).decode()
+        return (await self.reply(wait_s)).decode()
 
-    async def reply_json(self, timeout: float = WAIT_S) -> dict[str, Any]:
+    async def reply_json(self, wait_s: float = WAIT_S) -> dict[str, Any]:
         """The next complete answer, parsed as JSON."""
-        data = json.loads(await self.reply(timeout))
+        data = json.loads(await self.reply(wait_s))
         assert isinstance(data, dict)
         return data
 
-    async def wait_status(self, value: str, timeout: float = WAIT_S) -> None:
+    async def wait_status(self, value: str, wait_s: float = WAIT_S) -> None:
         """Wait until the availability topic says `value`."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait_s):
             while await self.status.get() != value:
                 pass
 

@@ -80,7 +80,11 @@ def test_mqtt_url_is_parsed(tmp_path: Path) -> None:
     path = write(tmp_path, '[mqtt]\nurl = "mqtts://bob:p%40ss@broker.lan"\n')
     endpoint = load_settings(path).mqtt.endpoint()
     assert (endpoint.host, endpoint.port, endpoint.tls, endpoint.username) == (
-        "broker.lan", 8883, True, "bob")
+        "broker.lan",
+        8883,
+        True,
+        "bob",
+    )
     assert endpoint.password is not None
     assert endpoint.password.get_secret_value() == "p@ss"
 
@@ -89,7 +93,7 @@ def test_mqtt_url_is_parsed(tmp_path: Path) -> None:
     ("text", "expected"),
     [
         ('[mqtt]\nurl = "http://x"\n', "mqtt.url: must start with mqtt://"),
-        ('[llm]\ntimeout_s = -1\n', "llm.timeout_s:"),
+        ("[llm]\ntimeout_s = -1\n", "llm.timeout_s:"),
         ('[trigger]\nstrip_regex = "(unclosed"\n', "trigger.strip_regex: is not a valid regular"),
         ('[trigger]\nmode = "sometimes"\n', "trigger.mode:"),
         ('[llm]\nmodle = "x"\n', "llm.modle: unknown key"),

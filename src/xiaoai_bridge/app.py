@@ -28,16 +28,21 @@ SHUTDOWN_GRACE_S = 10.0
 
 def build_trigger(settings: Settings) -> Trigger:
     """The `[trigger]` section as a Trigger."""
-    return Trigger(strip_regex=settings.trigger.strip_regex, mode=settings.trigger.mode,
-                   keywords=settings.trigger.keywords)
+    return Trigger(
+        strip_regex=settings.trigger.strip_regex,
+        mode=settings.trigger.mode,
+        keywords=settings.trigger.keywords,
+    )
 
 
 @contextlib.contextmanager
 def open_memory(settings: Settings) -> Iterator[ConversationMemory]:
     """The per-device conversation memory in the data dir."""
-    memory = ConversationMemory(settings.data_dir / MEMORY_FILE,
-                                max_turns=settings.memory.max_turns,
-                                max_tokens=settings.memory.max_tokens)
+    memory = ConversationMemory(
+        settings.data_dir / MEMORY_FILE,
+        max_turns=settings.memory.max_turns,
+        max_tokens=settings.memory.max_tokens,
+    )
     memory.open()
     try:
         yield memory
@@ -52,7 +57,8 @@ async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
     if not backend.configured:
         _LOGGER.warning(
             "no LLM API key configured: every question will get a spoken reminder. Set "
-            "[llm] api_key in the config file or the OPENAI_API_KEY environment variable")
+            "[llm] api_key in the config file or the OPENAI_API_KEY environment variable"
+        )
     pipeline_settings = PipelineSettings(
         system_prompt=settings.llm.system_prompt,
         forget_commands=settings.memory.forget_commands,
@@ -63,8 +69,12 @@ async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
     )
     try:
         with open_memory(settings) as memory:
-            yield Pipeline(backend=backend, memory=memory, settings=pipeline_settings,
-                           default_trigger=build_trigger(settings))
+            yield Pipeline(
+                backend=backend,
+                memory=memory,
+                settings=pipeline_settings,
+                default_trigger=build_trigger(settings),
+            )
     finally:
         await backend.aclose()
 
@@ -97,17 +107,27 @@ async def run_service(settings: Settings, *, stop: asyncio.Event | None = None) 
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if settings.mqtt.embedded:
             await stack.enter_async_context(
-                embedded_broker(DEFAULT_EMBEDDED_HOST, settings.mqtt.embedded_port))
+                embedded_broker(DEFAULT_EMBEDDED_HOST, settings.mqtt.embedded_port)
+            )
         pipeline = await stack.enter_async_context(open_pipeline(settings))
         connection = mqtt_connection(settings)
-        source = MqttSource(connection, question_topic=settings.mqtt.question_topic,
-                            max_payload_bytes=settings.mqtt.max_payload_bytes)
-        sink = MqttSink(connection, reply_topic=settings.mqtt.reply_topic,
-                        stream_topic=settings.mqtt.stream_topic,
-                        error_topic=settings.mqtt.error_topic)
+        source = MqttSource(
+            connection,
+            question_topic=settings.mqtt.question_topic,
+            max_payload_bytes=settings.mqtt.max_payload_bytes,
+        )
+        sink = MqttSink(
+            connection,
+            reply_topic=settings.mqtt.reply_topic,
+            stream_topic=settings.mqtt.stream_topic,
+            error_topic=settings.mqtt.error_topic,
+        )
         dispatcher = Dispatcher(pipeline, {sink.name: sink})
-        _LOGGER.info("xiaoai-bridge listening on %s, replying on %s",
-                     settings.mqtt.question_topic, settings.mqtt.reply_topic)
+        _LOGGER.info(
+            "xiaoai-bridge listening on %s, replying on %s",
+            settings.mqtt.question_topic,
+            settings.mqtt.reply_topic,
+        )
         async with asyncio.TaskGroup() as group:
             connection_task = group.create_task(connection.run(), name="mqtt:connection")
             source_task = group.create_task(_pump(source, dispatcher), name="mqtt:source")
@@ -119,8 +139,11 @@ async def run_service(settings: Settings, *, stop: asyncio.Event | None = None) 
                     await dispatcher.drain()
                     await connection.flush()
             except TimeoutError:
-                _LOGGER.warning("shutdown: %d answers unfinished, %d messages unsent",
-                                dispatcher.in_flight, connection.pending)
+                _LOGGER.warning(
+                    "shutdown: %d answers unfinished, %d messages unsent",
+                    dispatcher.in_flight,
+                    connection.pending,
+                )
             await dispatcher.aclose()
             await connection.close()
             connection_task.cancel()

@@ -20,18 +20,21 @@ class BrokerStartError(BridgeError):
 @contextlib.asynccontextmanager
 async def embedded_broker(host: str, port: int) -> AsyncIterator[None]:
     """Run an anonymous broker on host:port for the duration of the context."""
-    broker = Broker({
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        "plugins": {
-            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
-        },
-    })
+    broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+            },
+        }
+    )
     try:
         await broker.start()
     except Exception as err:  # amqtt wraps bind errors in its own BrokerError
         raise BrokerStartError(
             f"cannot start the embedded MQTT broker on {host}:{port} ({err}); another broker "
-            "may already listen there: set [mqtt] url to use it") from err
+            "may already listen there: set [mqtt] url to use it"
+        ) from err
     _LOGGER.info("embedded MQTT broker listening on %s:%d", host, port)
     try:
         yield

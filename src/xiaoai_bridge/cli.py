@@ -44,32 +44,42 @@ def _secrets(settings: Settings) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xiaoai-bridge",
-        description="Make a XiaoAi speaker answer with any OpenAI-compatible LLM.")
+        description="Make a XiaoAi speaker answer with any OpenAI-compatible LLM.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help="debug logging, and tracebacks on errors")
+    parser.add_argument(
+        "--debug", action="store_true", help="debug logging, and tracebacks on errors"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def config_arg(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--config", type=Path, metavar="FILE",
-                         help="TOML config file (default: $XIAOAI_BRIDGE_CONFIG, "
-                         "./xiaoai-bridge.toml, ~/.config/xiaoai-bridge/config.toml)")
+        sub.add_argument(
+            "--config",
+            type=Path,
+            metavar="FILE",
+            help="TOML config file (default: $XIAOAI_BRIDGE_CONFIG, "
+            "./xiaoai-bridge.toml, ~/.config/xiaoai-bridge/config.toml)",
+        )
 
-    run = commands.add_parser("run", help="run the service",
-                              description="Run the service until SIGINT/SIGTERM.")
+    run = commands.add_parser(
+        "run", help="run the service", description="Run the service until SIGINT/SIGTERM."
+    )
     config_arg(run)
     ask = commands.add_parser(
-        "ask", help="ask one question through the pipeline",
+        "ask",
+        help="ask one question through the pipeline",
         description="Ask one question through the same pipeline as the service (trigger, "
-        "memory, LLM, speech cleanup); print the answer sentence by sentence.")
+        "memory, LLM, speech cleanup); print the answer sentence by sentence.",
+    )
     ask.add_argument("question", help="what you would say to the speaker")
-    ask.add_argument("--device", default="default", help="whose memory to use (default: "
-                     "default)")
+    ask.add_argument("--device", default="default", help="whose memory to use (default: default)")
     config_arg(ask)
     check = commands.add_parser(
-        "check", help="validate the config and reach the broker and the LLM",
+        "check",
+        help="validate the config and reach the broker and the LLM",
         description="Validate the config, reach the MQTT broker and the LLM; exit non-zero "
-        "when something is wrong.")
+        "when something is wrong.",
+    )
     config_arg(check)
     return parser
 
@@ -153,8 +163,7 @@ async def _check(settings: Settings) -> int:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
             report(True, "llm", await backend.check())
     except LLMError as err:
-        hint = (" (set [llm] api_key or OPENAI_API_KEY)" if err.reason == "not_configured"
-                else "")
+        hint = " (set [llm] api_key or OPENAI_API_KEY)" if err.reason == "not_configured" else ""
         report(False, "llm", f"{err.detail}{hint}")
     except TimeoutError:
         report(False, "llm", f"{settings.llm.base_url} did not answer in {CHECK_TIMEOUT_S:g} s")
@@ -171,16 +180,26 @@ async def _check_broker(settings: Settings) -> tuple[bool, str]:
             try:
                 probe.bind((DEFAULT_EMBEDDED_HOST, endpoint.port))
             except OSError as err:
-                return False, (f"embedded broker cannot listen on {DEFAULT_EMBEDDED_HOST}:"
-                               f"{endpoint.port} ({err.strerror}); set [mqtt] url to use the "
-                               "broker already there")
-        return True, f"no [mqtt] url: an embedded broker will listen on " \
-                     f"{DEFAULT_EMBEDDED_HOST}:{endpoint.port}"
+                return False, (
+                    f"embedded broker cannot listen on {DEFAULT_EMBEDDED_HOST}:"
+                    f"{endpoint.port} ({err.strerror}); set [mqtt] url to use the "
+                    "broker already there"
+                )
+        return (
+            True,
+            f"no [mqtt] url: an embedded broker will listen on "
+            f"{DEFAULT_EMBEDDED_HOST}:{endpoint.port}",
+        )
     password = endpoint.password.get_secret_value() if endpoint.password else None
     try:
-        async with aiomqtt.Client(endpoint.host, endpoint.port, username=endpoint.username,
-                                  password=password, timeout=CHECK_TIMEOUT_S,
-                                  identifier=f"{settings.mqtt.client_id}-check"[:23]):
+        async with aiomqtt.Client(
+            endpoint.host,
+            endpoint.port,
+            username=endpoint.username,
+            password=password,
+            timeout=CHECK_TIMEOUT_S,
+            identifier=f"{settings.mqtt.client_id}-check"[:23],
+        ):
             pass
     except aiomqtt.MqttError as err:
         return False, f"cannot connect to {endpoint.host}:{endpoint.port}: {err}"

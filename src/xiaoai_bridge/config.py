@@ -68,20 +68,34 @@ class MqttSettings(_Section):
         description="Broker URL, e.g. mqtt://user:pass@host:1883 or mqtts://host:8883. "
         "Unset: run an embedded broker on 127.0.0.1:1883.",
     )
-    question_topic: str = Field(default=DEFAULT_QUESTION_TOPIC,
-                                description="Where questions arrive (the seed's topic).")
-    reply_topic: str = Field(default=DEFAULT_REPLY_TOPIC,
-                             description="Where complete answers go; sentences go to "
-                             "<reply_topic>/stream.")
-    status_topic: str = Field(default=DEFAULT_STATUS_TOPIC,
-                              description="Retained availability topic: online/offline.")
-    client_id: str = Field(default=DEFAULT_CLIENT_ID, min_length=1, max_length=23,
-                           description="MQTT client id; also names the persistent session.")
+    question_topic: str = Field(
+        default=DEFAULT_QUESTION_TOPIC, description="Where questions arrive (the seed's topic)."
+    )
+    reply_topic: str = Field(
+        default=DEFAULT_REPLY_TOPIC,
+        description="Where complete answers go; sentences go to <reply_topic>/stream.",
+    )
+    status_topic: str = Field(
+        default=DEFAULT_STATUS_TOPIC, description="Retained availability topic: online/offline."
+    )
+    client_id: str = Field(
+        default=DEFAULT_CLIENT_ID,
+        min_length=1,
+        max_length=23,
+        description="MQTT client id; also names the persistent session.",
+    )
     keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive.")
-    max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=16,
-                                   description="Larger questions get an apology, not an answer.")
-    embedded_port: int = Field(default=DEFAULT_MQTT_PORT, ge=1, le=65535,
-                               description="Port of the embedded broker (when url is unset).")
+    max_payload_bytes: int = Field(
+        default=DEFAULT_MAX_PAYLOAD_BYTES,
+        ge=16,
+        description="Larger questions get an apology, not an answer.",
+    )
+    embedded_port: int = Field(
+        default=DEFAULT_MQTT_PORT,
+        ge=1,
+        le=65535,
+        description="Port of the embedded broker (when url is unset).",
+    )
 
     @field_validator("url")
     @classmethod
@@ -151,27 +165,43 @@ class MqttEndpoint(BaseModel):
 class LLMSettings(_Section):
     """`[llm]`: any OpenAI-compatible chat-completions provider."""
 
-    base_url: str = Field(default=OPENAI_BASE_URL,
-                          description="API base URL (OpenAI SDK convention, ends in /v1 for "
-                          "most providers). Falls back to $OPENAI_BASE_URL.")
-    api_key: SecretStr | None = Field(default=None,
-                                      description="API key. Falls back to $OPENAI_API_KEY.")
+    base_url: str = Field(
+        default=OPENAI_BASE_URL,
+        description="API base URL (OpenAI SDK convention, ends in /v1 for "
+        "most providers). Falls back to $OPENAI_BASE_URL.",
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="API key. Falls back to $OPENAI_API_KEY."
+    )
     model: str = Field(default=DEFAULT_MODEL, min_length=1, description="Model name.")
-    system_prompt: str = Field(default=DEFAULT_SYSTEM_PROMPT,
-                               description="System prompt; the default suits a speaker.")
-    timeout_s: float = Field(default=DEFAULT_TIMEOUT_S, gt=0,
-                             description="Per-request network timeout, in seconds.")
-    max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=10,
-                             description="Retries on 429/5xx/connection errors, with backoff.")
-    max_concurrent: int = Field(default=DEFAULT_MAX_CONCURRENT_LLM, ge=1,
-                                description="In-flight LLM calls at most (protects the "
-                                "provider).")
-    answer_timeout_s: float = Field(default=DEFAULT_ANSWER_TIMEOUT_S, gt=0,
-                                    description="Deadline for a whole answer, in seconds.")
-    temperature: float | None = Field(default=None, ge=0, le=2,
-                                      description="Sampling temperature (provider default).")
-    max_tokens: int | None = Field(default=None, ge=1,
-                                   description="Answer length cap in tokens (provider default).")
+    system_prompt: str = Field(
+        default=DEFAULT_SYSTEM_PROMPT, description="System prompt; the default suits a speaker."
+    )
+    timeout_s: float = Field(
+        default=DEFAULT_TIMEOUT_S, gt=0, description="Per-request network timeout, in seconds."
+    )
+    max_retries: int = Field(
+        default=DEFAULT_MAX_RETRIES,
+        ge=0,
+        le=10,
+        description="Retries on 429/5xx/connection errors, with backoff.",
+    )
+    max_concurrent: int = Field(
+        default=DEFAULT_MAX_CONCURRENT_LLM,
+        ge=1,
+        description="In-flight LLM calls at most (protects the provider).",
+    )
+    answer_timeout_s: float = Field(
+        default=DEFAULT_ANSWER_TIMEOUT_S,
+        gt=0,
+        description="Deadline for a whole answer, in seconds.",
+    )
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, description="Sampling temperature (provider default)."
+    )
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Answer length cap in tokens (provider default)."
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -190,14 +220,18 @@ class LLMSettings(_Section):
 class TriggerSettings(_Section):
     """`[trigger]`: which messages are questions and what prefix to strip."""
 
-    strip_regex: str = Field(default=DEFAULT_STRIP_REGEX,
-                             description="Removed from the text before it is asked (the "
-                             "seed's wake prefix).")
-    mode: Literal["all", "keyword"] = Field(default="all",
-                                            description="all: answer every message; keyword: "
-                                            "only messages containing one of `keywords`.")
-    keywords: tuple[str, ...] = Field(default=DEFAULT_KEYWORDS,
-                                      description="Trigger words for mode = keyword.")
+    strip_regex: str = Field(
+        default=DEFAULT_STRIP_REGEX,
+        description="Removed from the text before it is asked (the seed's wake prefix).",
+    )
+    mode: Literal["all", "keyword"] = Field(
+        default="all",
+        description="all: answer every message; keyword: "
+        "only messages containing one of `keywords`.",
+    )
+    keywords: tuple[str, ...] = Field(
+        default=DEFAULT_KEYWORDS, description="Trigger words for mode = keyword."
+    )
 
     @field_validator("strip_regex")
     @classmethod
@@ -212,23 +246,34 @@ class TriggerSettings(_Section):
 class MemorySettings(_Section):
     """`[memory]`: conversation history kept per device."""
 
-    max_turns: int = Field(default=DEFAULT_MAX_TURNS, ge=0,
-                           description="Question/answer pairs sent with each question "
-                           "(0 disables memory).")
-    max_tokens: int = Field(default=DEFAULT_MAX_HISTORY_TOKENS, ge=0,
-                            description="Approximate token budget for that history.")
-    forget_commands: tuple[str, ...] = Field(default=DEFAULT_FORGET_COMMANDS,
-                                             description="Phrases that clear a device's "
-                                             "memory.")
+    max_turns: int = Field(
+        default=DEFAULT_MAX_TURNS,
+        ge=0,
+        description="Question/answer pairs sent with each question (0 disables memory).",
+    )
+    max_tokens: int = Field(
+        default=DEFAULT_MAX_HISTORY_TOKENS,
+        ge=0,
+        description="Approximate token budget for that history.",
+    )
+    forget_commands: tuple[str, ...] = Field(
+        default=DEFAULT_FORGET_COMMANDS, description="Phrases that clear a device's memory."
+    )
 
 
 class SpeechSettings(_Section):
     """`[speech]`: how answers are cut into spoken chunks."""
 
-    min_chars: int = Field(default=DEFAULT_MIN_CHUNK_CHARS, ge=1,
-                           description="Shorter sentences are merged with the next one.")
-    max_chars: int = Field(default=DEFAULT_MAX_CHUNK_CHARS, ge=8,
-                           description="Longer runs are cut at a comma or space.")
+    min_chars: int = Field(
+        default=DEFAULT_MIN_CHUNK_CHARS,
+        ge=1,
+        description="Shorter sentences are merged with the next one.",
+    )
+    max_chars: int = Field(
+        default=DEFAULT_MAX_CHUNK_CHARS,
+        ge=8,
+        description="Longer runs are cut at a comma or space.",
+    )
 
 
 class Settings(BaseSettings):
@@ -241,10 +286,13 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    data_dir: Path = Field(default_factory=default_data_dir,
-                           description="Where state lives (memory database, token caches).")
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Where state lives (memory database, token caches).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        default="INFO", description="Log verbosity.")
+        default="INFO", description="Log verbosity."
+    )
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     llm: LLMSettings = Field(default_factory=LLMSettings)
     trigger: TriggerSettings = Field(default_factory=TriggerSettings)

@@ -55,8 +55,9 @@ class ReconnectPolicy:
         """Record a successful connection."""
         if self.state is ConnectionState.RECONNECTING:
             self.reconnects += 1
-            self.logger.info("%s: connection restored after %d failed attempts", self.name,
-                             self.failures)
+            self.logger.info(
+                "%s: connection restored after %d failed attempts", self.name, self.failures
+            )
         elif self.state is not ConnectionState.CONNECTED:
             self.logger.info("%s: connected", self.name)
         self.failures = 0
@@ -73,8 +74,9 @@ class ReconnectPolicy:
         self._set(ConnectionState.RECONNECTING)
         if auth:
             return self.auth_delay_s
-        ceiling = min(self.max_delay_s,
-                      self.initial_delay_s * self.multiplier ** (self.failures - 1))
+        ceiling = min(
+            self.max_delay_s, self.initial_delay_s * self.multiplier ** (self.failures - 1)
+        )
         # "Equal jitter": never less than half the ceiling, so retries still back off.
         return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
 

@@ -21,18 +21,23 @@ EXE = [sys.executable, "-m", "xiaoai_bridge.cli"]
 
 
 def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OPENAI_", "XIAOAI_BRIDGE_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "XIAOAI_BRIDGE_"))}
     env.update({"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data")}, **extra)
     return env
 
 
-async def run_cli(*args: str, env: dict[str, str], cwd: Path,
-                  timeout: float = 30) -> tuple[int, str, str]:
+async def run_cli(
+    *args: str, env: dict[str, str], cwd: Path, wait_s: float = 30
+) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        *EXE, *args, env=env, cwd=cwd,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    async with asyncio.timeout(timeout):
+        *EXE,
+        *args,
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(wait_s):
         out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -44,7 +49,8 @@ def write_config(tmp_path: Path, broker_url: str, llm: FakeOpenAI) -> Path:
         f'[mqtt]\nurl = "{broker_url}"\nclient_id = "cli-test"\n'
         f'[llm]\nbase_url = "{llm.base_url}"\napi_key = "{API_KEY}"\nmodel = "fake-model"\n'
         "max_retries = 0\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     return path
 
 
@@ -61,20 +67,23 @@ async def test_version_and_help(tmp_path: Path) -> None:
 async def test_invalid_config_is_one_clear_line_and_exit_3(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[llm]\ntimeout_s = "soon"\n', encoding="utf-8")
-    code, out, err = await run_cli("check", "--config", str(bad), env=clean_env(tmp_path),
-                                   cwd=tmp_path)
+    code, _, err = await run_cli(
+        "check", "--config", str(bad), env=clean_env(tmp_path), cwd=tmp_path
+    )
     assert code == 3
     assert err.startswith("error: invalid configuration")
     assert "llm.timeout_s" in err
     assert "Traceback" not in err
 
 
-async def test_ask_prints_the_answer_sentence_by_sentence(tmp_path: Path, llm: FakeOpenAI,
-                                                         mosquitto: Mosquitto) -> None:
+async def test_ask_prints_the_answer_sentence_by_sentence(
+    tmp_path: Path, llm: FakeOpenAI, mosquitto: Mosquitto
+) -> None:
     llm.answer = "**第一句**话。第二句话😀。"
     config = write_config(tmp_path, mosquitto.url, llm)
-    code, out, _ = await run_cli("ask", "小爱机器人你好", "--config", str(config),
-                                 env=clean_env(tmp_path), cwd=tmp_path)
+    code, out, _ = await run_cli(
+        "ask", "小爱机器人你好", "--config", str(config), env=clean_env(tmp_path), cwd=tmp_path
+    )
     assert code == 0
     assert out.splitlines() == ["第一句话。", "第二句话。"]
     assert llm.last_request.messages[-1]["content"] == "你好"
@@ -87,17 +96,20 @@ async def test_ask_without_key_fails_with_the_spoken_explanation(tmp_path: Path)
     assert "not_configured" in err
 
 
-async def test_check_reports_each_part(tmp_path: Path, llm: FakeOpenAI,
-                                       mosquitto: Mosquitto) -> None:
+async def test_check_reports_each_part(
+    tmp_path: Path, llm: FakeOpenAI, mosquitto: Mosquitto
+) -> None:
     config = write_config(tmp_path, mosquitto.url, llm)
-    code, out, _ = await run_cli("check", "--config", str(config), env=clean_env(tmp_path),
-                                 cwd=tmp_path)
+    code, out, _ = await run_cli(
+        "check", "--config", str(config), env=clean_env(tmp_path), cwd=tmp_path
+    )
     assert code == 0, out
     assert [line.split()[0] for line in out.splitlines()] == ["ok", "ok", "ok"]
     await mosquitto.stop()
     llm.api_key = "another-key"  # the configured key is now rejected
-    code, out, _ = await run_cli("check", "--config", str(config), env=clean_env(tmp_path),
-                                 cwd=tmp_path)
+    code, out, _ = await run_cli(
+        "check", "--config", str(config), env=clean_env(tmp_path), cwd=tmp_path
+    )
     assert code == 1
     assert "FAIL llm:" in out
     assert "FAIL mqtt:" in out
@@ -108,8 +120,13 @@ async def test_run_with_no_config_starts_an_embedded_broker(tmp_path: Path) -> N
     port = free_port()
     env = clean_env(tmp_path, XIAOAI_BRIDGE_MQTT__EMBEDDED_PORT=str(port))
     proc = await asyncio.create_subprocess_exec(
-        *EXE, "run", env=env, cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *EXE,
+        "run",
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         async with asyncio.timeout(20):
             while True:
@@ -136,8 +153,9 @@ async def test_run_with_no_config_starts_an_embedded_broker(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("secret_where", ["file", "env"])
-async def test_run_never_logs_secrets(tmp_path: Path, llm: FakeOpenAI, mosquitto: Mosquitto,
-                                      secret_where: str) -> None:
+async def test_run_never_logs_secrets(
+    tmp_path: Path, llm: FakeOpenAI, mosquitto: Mosquitto, secret_where: str
+) -> None:
     config = write_config(tmp_path, mosquitto.url, llm)
     env = clean_env(tmp_path, XIAOAI_BRIDGE_LOG_LEVEL="DEBUG")
     if secret_where == "env":
@@ -145,8 +163,15 @@ async def test_run_never_logs_secrets(tmp_path: Path, llm: FakeOpenAI, mosquitto
         env["OPENAI_API_KEY"] = API_KEY
     llm.api_key = "the-wrong-key"  # make the bridge log an auth failure mentioning the key
     proc = await asyncio.create_subprocess_exec(
-        *EXE, "run", "--config", str(config), env=env, cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *EXE,
+        "run",
+        "--config",
+        str(config),
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         async with asyncio.timeout(20), aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
             await client.subscribe("/xiaomi/reply", qos=1)

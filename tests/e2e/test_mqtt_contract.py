@@ -100,7 +100,11 @@ async def test_quotes_backslashes_newlines_and_unicode_reach_the_llm_intact(
 async def test_markdown_and_emoji_are_cleaned_before_speaking(
     bridge: Bridge, probe: Probe, llm: FakeOpenAI
 ) -> None:
-    llm.answer = "## 答案\n**北京**是中国的首都😀。\n```python\nprint('hi')\n```\n详见 https://example.com 。"
+    llm.answer = (
+        "## 答案\n**北京**是中国的首都😀。\n"
+        "```python\nprint('hi')\n```\n"
+        "详见 https://example.com 。"
+    )
     await probe.ask({"text": "首都", "id": "md"})
     text = (await probe.reply_json())["text"]
     for unwanted in ("#", "*", "`", "print", "http", "😀"):

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import API_KEY, Bridge, Probe, make_settings, open_probe
+from tests.conftest import Bridge, Probe, llm_settings, make_settings, open_probe
 from tests.fakes.mosquitto import Mosquitto
-from tests.fakes.openai_server import Fault, FakeOpenAI
+from tests.fakes.openai_server import FakeOpenAI, Fault
 from xiaoai_bridge.config import LLMSettings
 from xiaoai_bridge.pipeline.pipeline import APOLOGIES, FORGET_REPLY, INTERRUPTED_APOLOGY
 
@@ -27,11 +27,15 @@ from xiaoai_bridge.pipeline.pipeline import APOLOGIES, FORGET_REPLY, INTERRUPTED
     ],
 )
 async def test_llm_failure_gets_an_apology_and_the_next_question_an_answer(
-    start_bridge: Callable[..., Any], probe: Probe, llm: FakeOpenAI, fault: Fault, reason: str,
+    start_bridge: Callable[..., Any],
+    probe: Probe,
+    llm: FakeOpenAI,
     caplog: pytest.LogCaptureFixture,
+    *,
+    fault: Fault,
+    reason: str,
 ) -> None:
-    await start_bridge(llm=LLMSettings(base_url=llm.base_url, api_key=API_KEY, timeout_s=0.5,
-                                       max_retries=0))
+    await start_bridge(llm=llm_settings(llm, timeout_s=0.5))
     llm.fail_next(fault, retry_after=0)
     await probe.ask("会失败的问题")
     assert await probe.reply_text() == APOLOGIES[reason]
@@ -44,7 +48,7 @@ async def test_llm_failure_gets_an_apology_and_the_next_question_an_answer(
 async def test_retries_with_backoff_before_apologising(
     start_bridge: Callable[..., Any], probe: Probe, llm: FakeOpenAI
 ) -> None:
-    await start_bridge(llm=LLMSettings(base_url=llm.base_url, api_key=API_KEY, max_retries=2))
+    await start_bridge(llm=llm_settings(llm, max_retries=2))
     llm.fail_next(Fault.RATE_LIMIT, times=2, retry_after=0)
     llm.answer = "重试成功。"
     await probe.ask("问题")
@@ -55,8 +59,7 @@ async def test_retries_with_backoff_before_apologising(
 async def test_failure_mid_stream_keeps_what_was_said_and_apologises(
     start_bridge: Callable[..., Any], probe: Probe, llm: FakeOpenAI
 ) -> None:
-    await start_bridge(llm=LLMSettings(base_url=llm.base_url, api_key=API_KEY, timeout_s=0.5,
-                                       max_retries=0))
+    await start_bridge(llm=llm_settings(llm, timeout_s=0.5))
     llm.answer = "第一句已经说了。第二句还在路上，永远不会到达。"
     llm.fail_next(Fault.HANG_MID_STREAM, after_tokens=6)
     await probe.ask({"text": "问题", "id": "mid"})
@@ -65,8 +68,9 @@ async def test_failure_mid_stream_keeps_what_was_said_and_apologises(
     assert [c["text"] for c in probe.chunks("mid")][-1] == INTERRUPTED_APOLOGY
 
 
-async def test_malformed_stream_gets_an_apology(bridge: Bridge, probe: Probe,
-                                                llm: FakeOpenAI) -> None:
+async def test_malformed_stream_gets_an_apology(
+    bridge: Bridge, probe: Probe, llm: FakeOpenAI
+) -> None:
     llm.fail_next(Fault.MALFORMED_FRAME, after_tokens=0)
     await probe.ask("问题")
     reply = await probe.reply_text()
@@ -140,8 +144,9 @@ async def test_bad_payloads_are_reported_and_never_reach_the_llm(
     assert "抱歉".encode() not in await probe.reply()
 
 
-async def test_empty_and_blank_payloads_are_ignored(bridge: Bridge, probe: Probe,
-                                                    llm: FakeOpenAI) -> None:
+async def test_empty_and_blank_payloads_are_ignored(
+    bridge: Bridge, probe: Probe, llm: FakeOpenAI
+) -> None:
     for payload in (b"", b"   \n\t ", b'{"text": "  "}'):
         await probe.ask(payload)
     llm.answer = "只回答这一个。"
@@ -176,10 +181,10 @@ async def test_broker_restart_with_questions_in_flight_loses_nothing(
     # The answers are being written while the broker goes away and comes back.
     await mosquitto.restart()
     async with open_probe(mosquitto, "restart-probe") as probe:
-        replies = [await probe.reply_json(timeout=20) for _ in range(5)]
+        replies = [await probe.reply_json(wait_s=20) for _ in range(5)]
         assert sorted(r["id"] for r in replies) == list(range(5))
         # ...and the bridge reconnected for good: a new question still gets answered.
         llm.first_token_delay = 0
         await probe.ask({"text": "之后的问题", "id": "after"})
-        assert (await probe.reply_json(timeout=20))["id"] == "after"
+        assert (await probe.reply_json(wait_s=20))["id"] == "after"
         await bridge.stop()

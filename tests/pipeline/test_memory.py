@@ -9,7 +9,9 @@ from xiaoai_bridge.llm.base import ChatMessage
 from xiaoai_bridge.pipeline.memory import ConversationMemory, estimate_tokens
 
 
-def open_memory(path: Path | None, *, max_turns: int = 3, max_tokens: int = 1000) -> ConversationMemory:
+def open_memory(
+    path: Path | None, *, max_turns: int = 3, max_tokens: int = 1000
+) -> ConversationMemory:
     memory = ConversationMemory(path, max_turns=max_turns, max_tokens=max_tokens)
     memory.open()
     return memory
@@ -20,8 +22,10 @@ def test_keeps_the_last_turns_in_order() -> None:
     for n in range(4):
         memory.remember("kitchen", f"q{n}", f"a{n}")
     assert memory.history("kitchen") == [
-        ChatMessage("user", "q2"), ChatMessage("assistant", "a2"),
-        ChatMessage("user", "q3"), ChatMessage("assistant", "a3"),
+        ChatMessage("user", "q2"),
+        ChatMessage("assistant", "a2"),
+        ChatMessage("user", "q3"),
+        ChatMessage("assistant", "a3"),
     ]
     memory.close()
 

@@ -90,8 +90,9 @@ class MqttConnection:
         """Return once the connection is up."""
         await self._connected.wait()
 
-    def publish(self, topic: str, payload: bytes | str, *, qos: int = 1,
-                retain: bool = False) -> None:
+    def publish(
+        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
+    ) -> None:
         """Queue a message; it is sent as soon as the connection allows, in order."""
         data = payload.encode() if isinstance(payload, str) else payload
         self._outbox.append(Publication(topic, data, qos, retain))
@@ -132,8 +133,7 @@ class MqttConnection:
         client = self._client
         if client is not None and self.connected:
             try:
-                await client.publish(self._status_topic, OFFLINE, qos=1, retain=True,
-                                     timeout=2.0)
+                await client.publish(self._status_topic, OFFLINE, qos=1, retain=True, timeout=2.0)
             except (aiomqtt.MqttError, TimeoutError) as err:
                 _LOGGER.debug("could not publish offline status: %s", err)
         self.policy.stopped()
@@ -181,8 +181,13 @@ class MqttConnection:
             item = self._outbox[0]
             # QoS 1: returns on PUBACK. If the connection drops first, the item stays at the
             # head of the outbox and is sent again after the reconnect (at least once).
-            await client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain,
-                                 timeout=PUBLISH_TIMEOUT_S)
+            await client.publish(
+                item.topic,
+                item.payload,
+                qos=item.qos,
+                retain=item.retain,
+                timeout=PUBLISH_TIMEOUT_S,
+            )
             self._outbox.popleft()
             if not self._outbox:
                 self._outbox_empty.set()

@@ -87,9 +87,11 @@ class OpenAICompatBackend:
             raise _translate(err) from err
         names = [model.id for model in page.data]
         if names and self._settings.model not in names:
-            raise LLMError("unknown_model",
-                           f"model {self._settings.model!r} is not offered by "
-                           f"{self._settings.base_url} (it has: {', '.join(names[:8])})")
+            raise LLMError(
+                "unknown_model",
+                f"model {self._settings.model!r} is not offered by "
+                f"{self._settings.base_url} (it has: {', '.join(names[:8])})",
+            )
         return f"{self._settings.base_url} reachable, model {self._settings.model} available"
 
     async def aclose(self) -> None:
@@ -112,6 +114,7 @@ def _translate(err: openai.APIError) -> LLMError:
     if isinstance(err, openai.APIStatusError):
         if err.status_code >= 500:
             return LLMError("server_error", f"the LLM failed ({err.status_code}): {err.message}")
-        return LLMError("bad_request", f"the LLM refused the request ({err.status_code}): "
-                        f"{err.message}")
+        return LLMError(
+            "bad_request", f"the LLM refused the request ({err.status_code}): {err.message}"
+        )
     return LLMError("malformed", f"unexpected LLM response: {err}")

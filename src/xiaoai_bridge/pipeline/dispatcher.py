@@ -49,8 +49,9 @@ class Dispatcher:
             return
         self._queues[utterance.device] = deque([utterance])
         self._idle.clear()
-        worker = asyncio.create_task(self._work(utterance.device),
-                                     name=f"pipeline:{utterance.device}")
+        worker = asyncio.create_task(
+            self._work(utterance.device), name=f"pipeline:{utterance.device}"
+        )
         self._workers.add(worker)
         worker.add_done_callback(self._workers.discard)
 

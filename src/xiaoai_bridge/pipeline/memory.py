@@ -67,10 +67,14 @@ class ConversationMemory:
         """The remembered turns, oldest first, within the turn and token budgets."""
         if not self.enabled:
             return []
-        rows = self._conn().execute(
-            "SELECT question, answer FROM turns WHERE device = ? ORDER BY id DESC LIMIT ?",
-            (device, self._max_turns),
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT question, answer FROM turns WHERE device = ? ORDER BY id DESC LIMIT ?",
+                (device, self._max_turns),
+            )
+            .fetchall()
+        )
         kept: list[tuple[str, str]] = []
         budget = self._max_tokens
         for question, answer in rows:  # newest first: the most recent turns matter most

@@ -99,8 +99,12 @@ class Pipeline:
         """Answer one utterance through `sink`; never raises for an expected failure."""
         run = _Run(utterance, sink, self._clock)
         if utterance.rejected:
-            _LOGGER.warning("rejected %s message from %s: %s", utterance.source,
-                            utterance.device, utterance.rejected)
+            _LOGGER.warning(
+                "rejected %s message from %s: %s",
+                utterance.source,
+                utterance.device,
+                utterance.rejected,
+            )
             await run.say(apology_for(utterance.rejected), final=True)
             return await run.end(Outcome.FAILED, reason=utterance.rejected)
         trigger = self._settings.triggers.get(utterance.source, self._default_trigger)
@@ -121,10 +125,14 @@ class Pipeline:
 
     async def _ask(self, run: _Run, question: str) -> Answer:
         device = run.utterance.device
-        messages = [ChatMessage("system", self._settings.system_prompt),
-                    *self._memory.history(device), ChatMessage("user", question)]
-        chunker = SentenceChunker(min_chars=self._settings.min_chunk_chars,
-                                  max_chars=self._settings.max_chunk_chars)
+        messages = [
+            ChatMessage("system", self._settings.system_prompt),
+            *self._memory.history(device),
+            ChatMessage("user", question),
+        ]
+        chunker = SentenceChunker(
+            min_chars=self._settings.min_chunk_chars, max_chars=self._settings.max_chunk_chars
+        )
         cleaner = SpeechCleaner()
         try:
             async with self._llm_slots, asyncio.timeout(self._settings.answer_timeout_s):
@@ -137,9 +145,11 @@ class Pipeline:
             detail = err.detail if isinstance(err, LLMError) else "answer deadline passed"
             _LOGGER.warning("LLM failed for %s (%s): %s", device, reason, detail)
             if reason == "not_configured":
-                _LOGGER.warning("set an API key: [llm] api_key in the config file, or the "
-                                "OPENAI_API_KEY / XIAOAI_BRIDGE_LLM__API_KEY environment "
-                                "variable (and [llm] base_url for other providers)")
+                _LOGGER.warning(
+                    "set an API key: [llm] api_key in the config file, or the "
+                    "OPENAI_API_KEY / XIAOAI_BRIDGE_LLM__API_KEY environment "
+                    "variable (and [llm] base_url for other providers)"
+                )
             phrase = apology_for(reason) if run.seq == 0 else INTERRUPTED_APOLOGY
             await run.say(phrase, final=True)
             return await run.end(Outcome.FAILED, reason=reason)
@@ -183,8 +193,14 @@ class _Run:
         await self._guard(self.sink.chunk(self.utterance, chunk))
 
     async def end(self, outcome: Outcome, *, reason: str = "") -> Answer:
-        answer = Answer(self.utterance, outcome, self.text, reason, self._first_chunk,
-                        self._clock() - self._started)
+        answer = Answer(
+            self.utterance,
+            outcome,
+            self.text,
+            reason,
+            self._first_chunk,
+            self._clock() - self._started,
+        )
         await self._guard(self.sink.end(answer))
         return answer
 

@@ -10,8 +10,9 @@ from typing import Literal
 class Trigger:
     """Applies the seed's prefix regex and, in keyword mode, the keyword filter."""
 
-    def __init__(self, *, strip_regex: str, mode: Literal["all", "keyword"],
-                 keywords: Sequence[str] = ()) -> None:
+    def __init__(
+        self, *, strip_regex: str, mode: Literal["all", "keyword"], keywords: Sequence[str] = ()
+    ) -> None:
         self._strip = re.compile(strip_regex) if strip_regex else None
         self._mode = mode
         self._keywords = tuple(k for k in keywords if k)

@@ -20,8 +20,9 @@ def _dumps(data: object) -> bytes:
 class MqttSink:
     """Publishes every answer twice: streamed per sentence, then whole."""
 
-    def __init__(self, connection: MqttConnection, *, reply_topic: str, stream_topic: str,
-                 error_topic: str) -> None:
+    def __init__(
+        self, connection: MqttConnection, *, reply_topic: str, stream_topic: str, error_topic: str
+    ) -> None:
         self._connection = connection
         self._reply_topic = reply_topic
         self._stream_topic = stream_topic
@@ -37,10 +38,18 @@ class MqttSink:
 
     async def chunk(self, utterance: Utterance, chunk: SpeechChunk) -> None:
         """Publish one sentence on the stream topic."""
-        self._connection.publish(self._stream_topic, _dumps({
-            "id": chunk.question_id, "device": chunk.device, "seq": chunk.seq,
-            "text": chunk.text, "final": chunk.final,
-        }))
+        self._connection.publish(
+            self._stream_topic,
+            _dumps(
+                {
+                    "id": chunk.question_id,
+                    "device": chunk.device,
+                    "seq": chunk.seq,
+                    "text": chunk.text,
+                    "final": chunk.final,
+                }
+            ),
+        )
 
     async def end(self, answer: Answer) -> None:
         """Publish the whole answer in the format the question came in."""
@@ -48,13 +57,27 @@ class MqttSink:
         if answer.outcome is Outcome.IGNORED:
             return
         if utterance.rejected:
-            self._connection.publish(self._error_topic, _dumps({
-                "id": utterance.id, "device": utterance.device, "error": utterance.rejected,
-            }))
+            self._connection.publish(
+                self._error_topic,
+                _dumps(
+                    {
+                        "id": utterance.id,
+                        "device": utterance.device,
+                        "error": utterance.rejected,
+                    }
+                ),
+            )
         if utterance.reply_format is ReplyFormat.PLAIN:
             # Exactly what the seed's Node-RED flow speaks: the answer as plain UTF-8 text.
             self._connection.publish(self._reply_topic, answer.text)
         else:
-            self._connection.publish(self._reply_topic, _dumps({
-                "id": utterance.id, "device": utterance.device, "text": answer.text,
-            }))
+            self._connection.publish(
+                self._reply_topic,
+                _dumps(
+                    {
+                        "id": utterance.id,
+                        "device": utterance.device,
+                        "text": answer.text,
+                    }
+                ),
+            )

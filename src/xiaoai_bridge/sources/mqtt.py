@@ -22,8 +22,9 @@ MAX_ID_CHARS = 128
 class MqttSource:
     """Turns messages on the question topic into utterances."""
 
-    def __init__(self, connection: MqttConnection, *, question_topic: str,
-                 max_payload_bytes: int) -> None:
+    def __init__(
+        self, connection: MqttConnection, *, question_topic: str, max_payload_bytes: int
+    ) -> None:
         self._connection = connection
         self._topic = question_topic
         self._max_bytes = max_payload_bytes
@@ -48,8 +49,9 @@ class MqttSource:
         """One message to one utterance; None for messages with nothing to answer."""
         payload = message.payload
         if len(payload) > self._max_bytes:
-            _LOGGER.warning("question of %d bytes exceeds the %d byte limit", len(payload),
-                            self._max_bytes)
+            _LOGGER.warning(
+                "question of %d bytes exceeds the %d byte limit", len(payload), self._max_bytes
+            )
             return self._rejected("too_long", payload)
         try:
             text = payload.decode("utf-8")
@@ -62,8 +64,13 @@ class MqttSource:
         if not stripped:
             _LOGGER.info("ignored an empty question")
             return None
-        return Utterance(text=stripped, device=DEFAULT_DEVICE, id=next(self._ids),
-                         source=SOURCE_NAME, reply_format=ReplyFormat.PLAIN)
+        return Utterance(
+            text=stripped,
+            device=DEFAULT_DEVICE,
+            id=next(self._ids),
+            source=SOURCE_NAME,
+            reply_format=ReplyFormat.PLAIN,
+        )
 
     def _parse_json(self, text: str) -> Utterance | None:
         try:
@@ -80,25 +87,44 @@ class MqttSource:
         problem = _check_json_fields(data.get("text"), device, question_id)
         if problem:
             _LOGGER.warning("JSON question rejected: %s", problem)
-            safe_device = device if isinstance(device, str) and _DEVICE_RE.match(device) \
-                else DEFAULT_DEVICE
+            safe_device = (
+                device if isinstance(device, str) and _DEVICE_RE.match(device) else DEFAULT_DEVICE
+            )
             safe_id = question_id if _valid_id(question_id) else ""
-            return Utterance(text="", device=safe_device, id=safe_id, source=SOURCE_NAME,
-                             reply_format=ReplyFormat.JSON, rejected="bad_input")
+            return Utterance(
+                text="",
+                device=safe_device,
+                id=safe_id,
+                source=SOURCE_NAME,
+                reply_format=ReplyFormat.JSON,
+                rejected="bad_input",
+            )
         question = str(data["text"]).strip()
         if not question:
             _LOGGER.info("ignored an empty JSON question from %s", device)
             return None
-        return Utterance(text=question, device=device, id=question_id, source=SOURCE_NAME,
-                         reply_format=ReplyFormat.JSON)
+        return Utterance(
+            text=question,
+            device=device,
+            id=question_id,
+            source=SOURCE_NAME,
+            reply_format=ReplyFormat.JSON,
+        )
 
-    def _rejected(self, reason: str, payload: bytes,
-                  reply_format: ReplyFormat | None = None) -> Utterance:
+    def _rejected(
+        self, reason: str, payload: bytes, reply_format: ReplyFormat | None = None
+    ) -> Utterance:
         # Too long or unreadable: still answered (with an apology) in the format it came in.
         if reply_format is None:
             reply_format = ReplyFormat.JSON if payload.lstrip()[:1] == b"{" else ReplyFormat.PLAIN
-        return Utterance(text="", device=DEFAULT_DEVICE, id=next(self._ids), source=SOURCE_NAME,
-                         reply_format=reply_format, rejected=reason)
+        return Utterance(
+            text="",
+            device=DEFAULT_DEVICE,
+            id=next(self._ids),
+            source=SOURCE_NAME,
+            reply_format=reply_format,
+            rejected=reason,
+        )
 
 
 def _valid_id(value: object) -> bool:
