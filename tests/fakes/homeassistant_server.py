@@ -155,10 +155,12 @@ class FakeHomeAssistant:
         self._clients: set[_Client] = set()
         self._services: dict[tuple[str, str], _Service] = {}
         self._histories: dict[str, list[str]] = {}
+        self._last_said: dict[str, float] = {}
         self._writes_allowed = asyncio.Event()
         self._writes_allowed.set()
         self._runner: web.AppRunner | None = None
         self._call_added = asyncio.Event()
+        self._command_received = asyncio.Event()
         self._closing: set[asyncio.Task[None]] = set()
         self._register_default_services()
 
@@ -336,6 +338,12 @@ class FakeHomeAssistant:
         media_player = str(old["attributes"].get("parent_entity_id") or "")
         name = str(old["attributes"].get("friendly_name", "")).removesuffix(" conversation")
         history = self._histories.setdefault(sensor, [])
+        if timestamp is None:
+            # "Now", but never the same millisecond as this sensor's previous record: real
+            # utterances are seconds apart.
+            timestamp = max(time.time(), self._last_said.get(sensor, 0.0) + 0.001)
+        if not isinstance(timestamp, datetime):
+            self._last_said[sensor] = max(timestamp, self._last_said.get(sensor, 0.0))
         if answers is None:
             answers = [] if answer is None else [{"type": "TTS", "tts": {"text": answer}}]
         attrs = self._conversation_attributes(
@@ -431,6 +439,17 @@ class FakeHomeAssistant:
                 self._call_added.clear()
                 await self._call_added.wait()
         return matching()
+
+    def commands_of(self, kind: str) -> int:
+        """How many commands of one type (e.g. "get_states") were received."""
+        return sum(1 for msg in self.received if msg.get("type") == kind)
+
+    async def wait_for_commands(self, kind: str, count: int, *, within_s: float = 2.0) -> None:
+        """Wait until `count` commands of type `kind` were received (and answered)."""
+        async with asyncio.timeout(within_s):
+            while self.commands_of(kind) < count:
+                self._command_received.clear()
+                await self._command_received.wait()
 
     def _register_default_services(self) -> None:
         def speaker_response(call: RecordedCall) -> dict[str, Any]:
@@ -539,6 +558,7 @@ class FakeHomeAssistant:
     async def _handle_command(self, client: _Client, msg: Any) -> None:
         if isinstance(msg, dict):
             self.received.append(msg)
+            self._command_received.set()
         cur_id = msg.get("id") if isinstance(msg, dict) else None
         kind = msg.get("type") if isinstance(msg, dict) else None
         if (

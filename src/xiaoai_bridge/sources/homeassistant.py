@@ -1,0 +1,231 @@
+"""Home Assistant source: turns conversation-sensor state changes into utterances."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from xiaoai_bridge.clients.homeassistant import (
+    CONVERSATION_ENTITY_CLASS,
+    STATE_CHANGED,
+    HassEvent,
+    HomeAssistantClient,
+    HomeAssistantError,
+    Subscribed,
+    is_conversation_sensor,
+)
+from xiaoai_bridge.models import Utterance
+
+_LOGGER = logging.getLogger(__name__)
+
+SOURCE_NAME = "homeassistant"
+# The hass-xiaomi-miot FAQ's own guard against replayed records is "< 60 s old".
+DEFAULT_FRESHNESS_S = 60.0
+_NOT_SPEECH = frozenset({"", "unknown", "unavailable", "none"})
+# Epoch values above this are milliseconds (year 5138 in seconds).
+_MS_THRESHOLD = 100_000_000_000
+
+
+def parse_timestamp(value: Any) -> float | None:
+    """`attributes.timestamp` as epoch seconds: an ISO string over the API, or epoch s/ms."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value / 1000 if value > _MS_THRESHOLD else float(value)
+    if isinstance(value, str) and value:
+        try:
+            # A naive value is taken as local time, which is what HA would have meant.
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+def xiaoai_answer(attributes: Mapping[str, Any]) -> str:
+    """XiaoAi's own reply text from `answers` (TTS or LLM items), or ""."""
+    answers = attributes.get("answers")
+    if not isinstance(answers, list):
+        return ""
+    for answer in answers:
+        if not isinstance(answer, Mapping):
+            continue
+        for kind in ("tts", "llm"):
+            body = answer.get(kind)
+            if isinstance(body, Mapping) and isinstance(body.get("text"), str) and body["text"]:
+                return str(body["text"])
+    return ""
+
+
+class HomeAssistantSource:
+    """Yields every fresh utterance heard by hass-xiaomi-miot conversation sensors.
+
+    A record is accepted once: its timestamp must be newer than the last one seen for that
+    sensor and within `freshness_s` of now, so HA restarts and failed polls (which replay
+    old records) never yield old questions, while the same sentence said again (only the
+    timestamp changes) yields again. Trigger matching is left to the pipeline.
+    """
+
+    def __init__(
+        self,
+        client: HomeAssistantClient,
+        *,
+        speakers: Mapping[str, str] | None = None,
+        freshness_s: float = DEFAULT_FRESHNESS_S,
+        catch_up_on_reconnect: bool = True,
+        name: str = SOURCE_NAME,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`speakers` maps conversation sensor -> media_player; None discovers them.
+
+        An empty media_player in the mapping means "use the sensor's parent_entity_id".
+        With `catch_up_on_reconnect`, a fresh record that arrived while disconnected is
+        still answered after the reconnect; at the first connection the current records
+        are only remembered, never answered.
+        """
+        self._client = client
+        self._configured = dict(speakers) if speakers is not None else None
+        self._freshness_s = freshness_s
+        self._catch_up = catch_up_on_reconnect
+        self._name = name
+        self._clock = clock
+        self._discovered: dict[str, str] = {}
+        self._latest: dict[str, float] = {}
+
+    @property
+    def name(self) -> str:
+        """Registry key; also `Utterance.source`."""
+        return self._name
+
+    @property
+    def speakers(self) -> dict[str, str]:
+        """Conversation sensor -> media_player, as configured or discovered so far."""
+        if self._configured is not None:
+            return {
+                sensor: player or self._discovered.get(sensor, "")
+                for sensor, player in self._configured.items()
+            }
+        return dict(self._discovered)
+
+    async def utterances(self) -> AsyncGenerator[Utterance, None]:
+        """Every fresh utterance, forever; raises HomeAssistantAuthError if the token is bad."""
+        async with self._client.subscribe_events() as stream:
+            async for item in stream:
+                if isinstance(item, Subscribed):
+                    for utterance in await self._snapshot(answer=item.reconnected):
+                        yield utterance
+                elif item.event_type == STATE_CHANGED:
+                    heard = self._on_state_changed(item)
+                    if heard is not None:
+                        yield heard
+
+    async def _snapshot(self, *, answer: bool) -> list[Utterance]:
+        try:
+            states = await self._client.get_states()
+        except HomeAssistantError as err:
+            # The next Subscribed marker (after the reconnect) takes a new snapshot.
+            _LOGGER.debug("%s: no state snapshot: %s", self._name, err)
+            return []
+        found = self.accept_states(states, answer=answer and self._catch_up)
+        present = {str(state.get("entity_id", "")) for state in states}
+        if self._configured is not None:
+            for sensor in sorted(set(self._configured) - present):
+                _LOGGER.warning(
+                    "%s: configured sensor %s does not exist in Home Assistant", self._name, sensor
+                )
+        elif not self._discovered:
+            _LOGGER.warning(
+                "%s: no XiaoAi conversation sensor found (entity_class %s); is hass-xiaomi-miot "
+                "set up with the speaker owner's account?",
+                self._name,
+                CONVERSATION_ENTITY_CLASS,
+            )
+        return found
+
+    def accept_states(
+        self, states: Iterable[Mapping[str, Any]], *, answer: bool
+    ) -> list[Utterance]:
+        """Feed a get_states snapshot; returns utterances only when `answer` is true."""
+        found = []
+        for state in states:
+            utterance = self.accept_state(state, answer=answer)
+            if utterance is not None:
+                found.append(utterance)
+        return found
+
+    def _on_state_changed(self, event: HassEvent) -> Utterance | None:
+        new_state = event.data.get("new_state")
+        if not isinstance(new_state, Mapping):
+            return None  # entity removed
+        return self.accept_state(new_state, answer=True)
+
+    def accept_state(self, state: Mapping[str, Any], *, answer: bool = True) -> Utterance | None:
+        """Judge one conversation-sensor state object; an Utterance if it is a new question."""
+        sensor = str(state.get("entity_id", ""))
+        media_player = self._track(sensor, state)
+        if media_player is None:
+            return None
+        text = str(state.get("state") or "").strip()
+        if text.lower() in _NOT_SPEECH:
+            _LOGGER.debug("%s: %s is %r; ignored", self._name, sensor, text)
+            return None
+        attributes = state.get("attributes")
+        attributes = attributes if isinstance(attributes, Mapping) else {}
+        raw_timestamp = attributes.get("timestamp")
+        said_at = parse_timestamp(raw_timestamp)
+        if said_at is None:
+            _LOGGER.debug(
+                "%s: %s has no usable timestamp (%r); ignored", self._name, sensor, raw_timestamp
+            )
+            return None
+        latest = self._latest.get(sensor)
+        if latest is not None and said_at <= latest:
+            # An answers-only update, a replay after a failed poll, or an HA restart.
+            _LOGGER.debug("%s: %s record at %s already seen", self._name, sensor, raw_timestamp)
+            return None
+        self._latest[sensor] = said_at
+        age = self._clock() - said_at
+        if age > self._freshness_s:
+            _LOGGER.info(
+                "%s: %s record is %.0f s old (limit %.0f s); ignored",
+                self._name,
+                sensor,
+                age,
+                self._freshness_s,
+            )
+            return None
+        if not answer:
+            return None
+        extra = {"media_player": media_player, "sensor": sensor, "timestamp": str(raw_timestamp)}
+        if reply := xiaoai_answer(attributes):
+            extra["xiaoai_answer"] = reply
+        return Utterance(
+            text=text,
+            device=media_player,
+            id=f"{sensor}@{round(said_at * 1000)}",
+            source=self._name,
+            extra=extra,
+        )
+
+    def _track(self, sensor: str, state: Mapping[str, Any]) -> str | None:
+        """The media_player for a sensor we listen to, or None to ignore the entity."""
+        attributes = state.get("attributes")
+        parent = ""
+        if isinstance(attributes, Mapping):
+            parent = str(attributes.get("parent_entity_id") or "")
+        if self._configured is not None:
+            if sensor not in self._configured:
+                return None
+            if parent:
+                self._discovered[sensor] = parent
+            return self._configured[sensor] or self._discovered.get(sensor) or sensor
+        if is_conversation_sensor(state):
+            if self._discovered.get(sensor) != (parent or sensor):
+                if sensor not in self._discovered:
+                    _LOGGER.info("%s: found speaker %s -> %s", self._name, sensor, parent)
+                self._discovered[sensor] = parent or sensor
+            return self._discovered[sensor]
+        # An unavailable sensor has lost its entity_class attribute; keep it known.
+        return self._discovered.get(sensor)

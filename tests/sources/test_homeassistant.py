@@ -1,0 +1,254 @@
+"""Tests for the Home Assistant source, driven through the fake HA like HA would."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from tests.fakes.homeassistant_server import (
+    DEFAULT_TOKEN,
+    FakeHomeAssistant,
+    conversation_timestamp,
+)
+from xiaoai_bridge.clients.homeassistant import HomeAssistantClient
+from xiaoai_bridge.models import Utterance
+from xiaoai_bridge.reconnect import ReconnectPolicy
+from xiaoai_bridge.sources.homeassistant import (
+    HomeAssistantSource,
+    parse_timestamp,
+    xiaoai_answer,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@pytest.fixture
+async def ha() -> AsyncIterator[FakeHomeAssistant]:
+    async with FakeHomeAssistant() as server:
+        yield server
+
+
+@pytest.fixture
+async def client(ha: FakeHomeAssistant) -> AsyncIterator[HomeAssistantClient]:
+    policy = ReconnectPolicy(
+        name="homeassistant", logger=_LOGGER, initial_delay_s=0.01, max_delay_s=0.05
+    )
+    ha_client = HomeAssistantClient(ha.url, DEFAULT_TOKEN, policy=policy, command_timeout_s=2.0)
+    await ha_client.start()
+    yield ha_client
+    await ha_client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def listening(
+    source: HomeAssistantSource, ha: FakeHomeAssistant
+) -> AsyncIterator[asyncio.Queue[Utterance]]:
+    """Run the source; yields once its first snapshot was taken, so later records are new."""
+    heard: asyncio.Queue[Utterance] = asyncio.Queue()
+    taken = ha.commands_of("get_states")
+
+    async def consume() -> None:
+        async with contextlib.aclosing(source.utterances()) as utterances:
+            async for utterance in utterances:
+                heard.put_nowait(utterance)
+
+    task = asyncio.create_task(consume())
+    try:
+        # HA answers get_states at once, so any later record is not in the snapshot.
+        await ha.wait_for_commands("get_states", taken + 1)
+        yield heard
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def next_heard(heard: asyncio.Queue[Utterance], within_s: float = 2.0) -> Utterance:
+    async with asyncio.timeout(within_s):
+        return await heard.get()
+
+
+async def test_fresh_question_is_yielded(
+    ha: FakeHomeAssistant, client: HomeAssistantClient
+) -> None:
+    speaker = ha.add_speaker()
+    source = HomeAssistantSource(client)
+    async with listening(source, ha) as heard:
+        ha.set_conversation(speaker.sensor, "机器人今天适合穿什么", answer="今天晴")
+        utterance = await next_heard(heard)
+    assert utterance.text == "机器人今天适合穿什么"
+    assert utterance.source == "homeassistant"
+    assert utterance.device == speaker.media_player
+    assert utterance.extra["media_player"] == speaker.media_player
+    assert utterance.extra["sensor"] == speaker.sensor
+    assert utterance.extra["xiaoai_answer"] == "今天晴"
+    assert str(utterance.id).startswith(speaker.sensor + "@")
+    assert source.speakers == {speaker.sensor: speaker.media_player}
+
+
+async def test_same_text_twice_with_new_timestamps_yields_twice(
+    ha: FakeHomeAssistant, client: HomeAssistantClient
+) -> None:
+    speaker = ha.add_speaker()
+    now = time.time()
+    async with listening(HomeAssistantSource(client), ha) as heard:
+        ha.set_conversation(speaker.sensor, "机器人讲个笑话", timestamp=now - 2)
+        first = await next_heard(heard)
+        # An answers-only update of the same record changes attributes but not timestamp.
+        ha.set_conversation(speaker.sensor, "机器人讲个笑话", timestamp=now - 2, answer="新答案")
+        ha.set_conversation(speaker.sensor, "机器人讲个笑话", timestamp=now - 1)
+        second = await next_heard(heard)
+        ha.set_conversation(speaker.sensor, "marker")
+        assert (await next_heard(heard)).text == "marker"
+    assert first.text == second.text == "机器人讲个笑话"
+    assert first.id != second.id
+
+
+async def test_replayed_old_record_after_reconnect_is_ignored(
+    ha: FakeHomeAssistant, client: HomeAssistantClient
+) -> None:
+    speaker = ha.add_speaker()
+    t_old, t_seen = time.time() - 20, time.time() - 10
+    async with listening(HomeAssistantSource(client), ha) as heard:
+        ha.set_conversation(speaker.sensor, "机器人开灯", timestamp=t_seen)
+        assert (await next_heard(heard)).text == "机器人开灯"
+
+        taken = ha.commands_of("get_states")
+        async with ha.down():
+            # HA restarts: the sensor is unavailable, then its first poll brings back the
+            # last record, or an older one after a failed poll.
+            ha.set_unavailable(speaker.sensor)
+            ha.set_conversation(speaker.sensor, "更早的问题", timestamp=t_old)
+        await ha.wait_for_commands("get_states", taken + 1)
+        ha.set_unavailable(speaker.sensor)
+        ha.set_conversation(speaker.sensor, "机器人开灯", timestamp=t_seen)
+        ha.set_conversation(speaker.sensor, "更早的问题", timestamp=t_old)
+        ha.set_conversation(speaker.sensor, "marker")
+        assert (await next_heard(heard)).text == "marker"
+        assert heard.empty()
+    assert client.policy.reconnects == 1
+
+
+async def test_question_said_while_disconnected_is_answered_after_reconnect(
+    ha: FakeHomeAssistant, client: HomeAssistantClient
+) -> None:
+    speaker = ha.add_speaker()
+    async with listening(HomeAssistantSource(client), ha) as heard:
+        await ha.drop_clients()
+        ha.set_conversation(speaker.sensor, "机器人在吗")  # no subscriber sees this event
+        utterance = await next_heard(heard)
+    assert utterance.text == "机器人在吗"
+
+
+async def test_existing_record_at_startup_is_not_answered(
+    ha: FakeHomeAssistant, client: HomeAssistantClient
+) -> None:
+    speaker = ha.add_speaker()
+    ha.set_conversation(speaker.sensor, "启动前说的话")
+    async with listening(HomeAssistantSource(client), ha) as heard:
+        ha.set_conversation(speaker.sensor, "marker")
+        assert (await next_heard(heard)).text == "marker"
+        assert heard.empty()
+
+
+async def test_stale_record_is_ignored(
+    ha: FakeHomeAssistant, client: HomeAssistantClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    speaker = ha.add_speaker()
+    async with listening(HomeAssistantSource(client, freshness_s=60), ha) as heard:
+        ha.set_conversation(speaker.sensor, "很久以前", timestamp=time.time() - 120)
+        ha.set_conversation(speaker.sensor, "marker")
+        assert (await next_heard(heard)).text == "marker"
+        assert heard.empty()
+    assert any("old" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("state", ["unavailable", "unknown", ""])
+async def test_non_speech_states_are_ignored(
+    ha: FakeHomeAssistant, client: HomeAssistantClient, state: str
+) -> None:
+    speaker = ha.add_speaker()
+    async with listening(HomeAssistantSource(client), ha) as heard:
+        attributes = dict(ha.states[speaker.sensor]["attributes"])
+        attributes["timestamp"] = conversation_timestamp()
+        ha.set_state(speaker.sensor, state, attributes)
+        ha.set_unavailable(speaker.sensor)
+        ha.set_conversation(speaker.sensor, "marker")
+        assert (await next_heard(heard)).text == "marker"
+        assert heard.empty()
+
+
+async def test_two_speakers_are_told_apart(
+    ha: FakeHomeAssistant, client: HomeAssistantClient
+) -> None:
+    living = ha.add_speaker("dea6", model="lx06")
+    bedroom = ha.add_speaker("5996", model="l06a")
+    async with listening(HomeAssistantSource(client), ha) as heard:
+        ha.set_conversation(living.sensor, "客厅的问题")
+        ha.set_conversation(bedroom.sensor, "卧室的问题")
+        got = {(u := await next_heard(heard)).text: u.device for _ in range(2)}
+    assert got == {"客厅的问题": living.media_player, "卧室的问题": bedroom.media_player}
+
+
+async def test_configured_speakers_only(ha: FakeHomeAssistant, client: HomeAssistantClient) -> None:
+    living = ha.add_speaker("dea6")
+    other = ha.add_speaker("ffff")
+    source = HomeAssistantSource(client, speakers={living.sensor: "media_player.override"})
+    async with listening(source, ha) as heard:
+        ha.set_conversation(other.sensor, "不该听到")
+        ha.set_conversation(living.sensor, "该听到")
+        utterance = await next_heard(heard)
+        assert heard.empty()
+    assert utterance.text == "该听到"
+    assert utterance.device == "media_player.override"
+
+
+def _state(text: str, timestamp: Any, **attrs: Any) -> Mapping[str, Any]:
+    return {
+        "entity_id": "sensor.xiaomi_lx06_x_conversation",
+        "state": text,
+        "attributes": {
+            "content": text,
+            "timestamp": timestamp,
+            "entity_class": "XiaoaiConversationSensor",
+            "parent_entity_id": "media_player.xiaomi_lx06_x_play_control",
+            **attrs,
+        },
+    }
+
+
+def test_freshness_window_uses_the_injected_clock() -> None:
+    now = datetime(2026, 7, 20, 0, 1, 2, tzinfo=UTC).timestamp()
+    source = HomeAssistantSource(
+        HomeAssistantClient("http://127.0.0.1:1", "t"), freshness_s=5, clock=lambda: now
+    )
+    assert source.accept_state(_state("太旧", conversation_timestamp(now - 6))) is None
+    accepted = source.accept_state(_state("刚好", conversation_timestamp(now - 4)))
+    assert accepted is not None
+    assert accepted.device == "media_player.xiaomi_lx06_x_play_control"
+    # Same timestamp again (answers changed): already seen.
+    assert source.accept_state(_state("刚好", conversation_timestamp(now - 4), answers=[])) is None
+
+
+def test_parse_timestamp_forms() -> None:
+    expected = datetime(2026, 7, 20, 0, 1, 2, 345000, tzinfo=UTC).timestamp()
+    assert parse_timestamp("2026-07-20T08:01:02.345000+08:00") == pytest.approx(expected)
+    assert parse_timestamp(expected * 1000) == pytest.approx(expected)
+    assert parse_timestamp(expected) == pytest.approx(expected)
+    assert parse_timestamp(None) is None
+    assert parse_timestamp("yesterday") is None
+
+
+def test_xiaoai_answer_reads_tts_then_llm() -> None:
+    assert xiaoai_answer({"answers": [{"type": "TTS", "tts": {"text": "好的"}}]}) == "好的"
+    assert xiaoai_answer({"answers": [{"type": "LLM", "llm": {"text": "大模型"}}]}) == "大模型"
+    assert xiaoai_answer({"answers": [{"type": "AUDIO", "audio": {}}]}) == ""
+    assert xiaoai_answer({}) == ""
