@@ -279,6 +279,25 @@ async def test_pasted_pass_token_logs_in_without_a_password(
     assert (await restarted.credentials(SID_MIOT)).user_id == str(cloud.user_id)
 
 
+async def test_pass_token_from_the_config_is_used_when_the_cache_has_none(
+    cloud: FakeXiaomiCloud, session: aiohttp.ClientSession, token_path: Path
+) -> None:
+    cloud.pass_tokens.add("V1:configured")
+    auth = XiaomiAuth(
+        session,
+        account=cloud.account,
+        pass_token="V1:configured",
+        user_id=str(cloud.user_id),
+        token_path=token_path,
+        base_url=cloud.endpoints["account"],
+    )
+
+    creds = await auth.credentials(SID_MINA)
+
+    assert cloud.service_tokens[creds.service_token][0] == SID_MINA
+    assert cloud.password_logins == 0
+
+
 async def test_a_rejected_pasted_pass_token_is_reported(
     cloud: FakeXiaomiCloud, session: aiohttp.ClientSession, token_path: Path
 ) -> None:

@@ -212,6 +212,7 @@ class XiaomiAuth:
 
     Order of preference: the cached service token, then a passToken login (no password),
     then a password login. Logins are serialised, so concurrent 401s cause one re-login.
+    `pass_token` + `user_id` (copied from a browser) stand in for a cached passToken.
     """
 
     def __init__(
@@ -220,6 +221,8 @@ class XiaomiAuth:
         *,
         account: str = "",
         password: str | None = None,
+        pass_token: str | None = None,
+        user_id: str | None = None,
         token_path: Path | None = None,
         base_url: str = DEFAULT_ACCOUNT_URL,
         timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -230,6 +233,8 @@ class XiaomiAuth:
         self._session = session
         self._account = account
         self._password = password or None
+        # A passToken/userId pasted into the config: used when the cache has no passToken.
+        self._seed = (user_id, pass_token) if pass_token and user_id else None
         self._cache = TokenCache(token_path) if token_path is not None else None
         self._base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -334,6 +339,9 @@ class XiaomiAuth:
                 elif self._account:
                     saved.account = self._account
                 self._saved = saved
+            if self._seed is not None and not self._saved.pass_token:
+                self._saved.user_id, self._saved.pass_token = self._seed
+                self._saved.services.clear()
         return self._saved
 
     def _cached(self, sid: str) -> ServiceCredentials | None:
