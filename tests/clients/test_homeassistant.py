@@ -23,6 +23,7 @@ from xiaoai_bridge.clients.homeassistant import (
     StreamItem,
     Subscribed,
     discover_conversation_sensors,
+    probe,
     websocket_url,
 )
 from xiaoai_bridge.errors import BridgeError, ConfigError
@@ -348,3 +349,34 @@ async def test_auth_error_ends_streams(ha: FakeHomeAssistant) -> None:
 def test_event_from_wire_tolerates_missing_fields() -> None:
     event = HassEvent.from_wire(json.loads('{"event_type": "x"}'))
     assert event == HassEvent(event_type="x", data={})
+
+
+async def test_probe_lists_speakers_once(ha: FakeHomeAssistant) -> None:
+    speaker = ha.add_speaker()
+    result = await probe(ha.url, DEFAULT_TOKEN, timeout_s=2.0)
+    assert result.ha_version == ha.ha_version
+    assert [(s.entity_id, s.media_player) for s in result.speakers] == [
+        (speaker.sensor, speaker.media_player)
+    ]
+    with pytest.raises(HomeAssistantAuthError):
+        await probe(ha.url, "bad-token", timeout_s=2.0)
+    await ha.stop()
+    with pytest.raises(HomeAssistantConnectionError, match="cannot connect"):
+        await probe(ha.url, DEFAULT_TOKEN, timeout_s=2.0)
+
+
+async def test_connection_level_subscribe_and_unsubscribe(ha: FakeHomeAssistant) -> None:
+    seen: list[str] = []
+    async with HomeAssistantConnection(ha.url, DEFAULT_TOKEN) as conn:
+        subscription = await conn.subscribe_events(
+            "state_changed", lambda event: seen.append(event["data"]["new_state"]["state"])
+        )
+        ha.set_state("sensor.a", "1")
+        await conn.ping()  # the event was written before the pong
+        await conn.unsubscribe_events(subscription)
+        ha.set_state("sensor.a", "2")
+        await conn.ping()
+        with pytest.raises(HomeAssistantCommandError) as info:
+            await conn.unsubscribe_events(subscription)
+        assert info.value.code == "not_found"
+    assert seen == ["1"]

@@ -253,6 +253,24 @@ async def test_two_speakers_are_paced_independently(
     assert second.at - first.at < 0.5
 
 
+async def test_ha_restart_mid_answer_keeps_speaking_after_reconnect(
+    ha: FakeHomeAssistant, client: HomeAssistantClient, speaker: FakeSpeaker
+) -> None:
+    q = question(speaker)
+    async with make_sink(client) as sink:
+        await sink.begin(q)
+        await sink.chunk(q, sentence(q, 0, "重启前。"))
+        await ha.wait_for_calls(1)
+        await sink.wait_idle()
+        async with ha.down():
+            await sink.chunk(q, sentence(q, 1, "重启后。", final=True))
+        calls = await ha.wait_for_calls(2)
+        await sink.wait_idle()
+    assert [c.text for c in calls] == ["重启前。", "重启后。"]
+    assert client.policy.reconnects == 1
+    assert sink.failed == 0
+
+
 async def test_notify_send_message_targets_the_mapped_entity(
     ha: FakeHomeAssistant, client: HomeAssistantClient, speaker: FakeSpeaker
 ) -> None:

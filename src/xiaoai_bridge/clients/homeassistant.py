@@ -154,6 +154,42 @@ def discover_conversation_sensors(
 EventHandler = Callable[[Mapping[str, Any]], None]
 
 
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What `probe` found: the HA version and the XiaoAi speakers it has."""
+
+    url: str
+    ha_version: str
+    speakers: list[ConversationSensor]
+
+
+async def probe(
+    url: str,
+    token: str,
+    *,
+    session: aiohttp.ClientSession | None = None,
+    timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+) -> ProbeResult:
+    """Connect once, list the conversation sensors, disconnect (for `check` and listings).
+
+    Raises HomeAssistantAuthError for a bad token, HomeAssistantConnectionError otherwise.
+    """
+    async with HomeAssistantConnection(
+        url,
+        token,
+        session=session,
+        connect_timeout_s=timeout_s,
+        command_timeout_s=timeout_s,
+        heartbeat_interval_s=0,
+    ) as connection:
+        states = await connection.get_states()
+        return ProbeResult(
+            url=str(connection.url),
+            ha_version=connection.ha_version,
+            speakers=discover_conversation_sensors(states),
+        )
+
+
 class HomeAssistantConnection:
     """One authenticated websocket connection; `async with` opens and closes it.
 
@@ -201,7 +237,17 @@ class HomeAssistantConnection:
         return self._closed.is_set()
 
     async def __aenter__(self) -> Self:
-        await self._open()
+        try:
+            await self._open()
+        except BaseException as err:
+            await self.aclose()
+            if isinstance(err, TimeoutError):
+                raise HomeAssistantConnectionError(
+                    f"timed out connecting to {self.url} after {self._connect_timeout_s:g} s"
+                ) from err
+            if isinstance(err, aiohttp.ClientError | OSError):
+                raise HomeAssistantConnectionError(f"cannot connect to {self.url}: {err}") from err
+            raise
         return self
 
     async def __aexit__(
@@ -216,21 +262,11 @@ class HomeAssistantConnection:
         if self._session is None:
             self._session = aiohttp.ClientSession()
             self._owns_session = True
-        try:
-            async with asyncio.timeout(self._connect_timeout_s):
-                self._ws = await self._session.ws_connect(
-                    self.url, max_msg_size=MAX_MESSAGE_BYTES, autoping=True
-                )
-                await self._authenticate(self._ws)
-        except BaseException as err:
-            await self.aclose()
-            if isinstance(err, TimeoutError):
-                raise HomeAssistantConnectionError(
-                    f"timed out connecting to {self.url} after {self._connect_timeout_s:g} s"
-                ) from err
-            if isinstance(err, aiohttp.ClientError | OSError):
-                raise HomeAssistantConnectionError(f"cannot connect to {self.url}: {err}") from err
-            raise
+        async with asyncio.timeout(self._connect_timeout_s):
+            self._ws = await self._session.ws_connect(
+                self.url, max_msg_size=MAX_MESSAGE_BYTES, autoping=True
+            )
+            await self._authenticate(self._ws)
         self._tasks.append(asyncio.create_task(self._read_loop(), name="homeassistant:reader"))
         if self._heartbeat_interval_s > 0:
             self._tasks.append(
