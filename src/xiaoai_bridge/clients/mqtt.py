@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -20,6 +21,12 @@ OFFLINE = "offline"
 # Received messages waiting for the source; beyond this the broker holds them (QoS 1).
 MAX_QUEUED_INCOMING = 10_000
 PUBLISH_TIMEOUT_S = 10.0
+# Publications handed to the broker before their PUBACKs return; waiting for each ack in
+# turn would cap a busy bridge at one round trip per message.
+MAX_IN_FLIGHT = 64
+# Without TCP_NODELAY a stream message sent right after a PUBACK waits for the broker's
+# delayed ACK (~40 ms on Linux): Nagle's algorithm, costly for sentence-by-sentence speech.
+_SOCKET_OPTIONS = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -73,7 +80,10 @@ class MqttConnection:
         self._tls = tls
         self._keepalive_s = keepalive_s
         self.policy = policy or ReconnectPolicy(f"mqtt {host}:{port}", _LOGGER)
+        # Not yet handed to the broker, and handed but not yet acknowledged (by sequence).
         self._outbox: deque[Publication] = deque()
+        self._unacked: dict[int, Publication] = {}
+        self._sequence = 0
         self._outbox_ready = asyncio.Event()
         self._outbox_empty = asyncio.Event()
         self._outbox_empty.set()
@@ -107,10 +117,10 @@ class MqttConnection:
     @property
     def pending(self) -> int:
         """Publications not yet acknowledged by the broker."""
-        return len(self._outbox)
+        return len(self._outbox) + len(self._unacked)
 
     async def flush(self) -> None:
-        """Wait until the outbox is empty (used at shutdown, under a deadline)."""
+        """Wait until every publication is acknowledged (used at shutdown, under a deadline)."""
         await self._outbox_empty.wait()
 
     async def run(self) -> None:
@@ -126,6 +136,9 @@ class MqttConnection:
             finally:
                 self._connected.clear()
                 self._client = None
+                # Unacknowledged messages go out again first, in their original order.
+                self._outbox.extendleft(reversed(list(self._unacked.values())))
+                self._unacked.clear()
             await asyncio.sleep(delay)
 
     async def close(self) -> None:
@@ -151,6 +164,7 @@ class MqttConnection:
             will=aiomqtt.Will(self._status_topic, OFFLINE, qos=1, retain=True),
             tls_context=ssl.create_default_context() if self._tls else None,
             max_queued_incoming_messages=MAX_QUEUED_INCOMING,
+            socket_options=_SOCKET_OPTIONS,
         )
         async with client:
             self._client = client
@@ -161,7 +175,7 @@ class MqttConnection:
             self.policy.connected()
             try:
                 async with asyncio.TaskGroup() as group:
-                    group.create_task(self._send(client), name="mqtt:send")
+                    group.create_task(self._send(client, group), name="mqtt:send")
                     group.create_task(self._receive(client), name="mqtt:receive")
             except ExceptionGroup as errors:
                 # Both tasks die of the same lost connection; report it once, plainly.
@@ -173,21 +187,30 @@ class MqttConnection:
             data = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
             await self._incoming.put(Received(str(message.topic), bytes(data)))
 
-    async def _send(self, client: aiomqtt.Client) -> None:
+    async def _send(self, client: aiomqtt.Client, group: asyncio.TaskGroup) -> None:
+        window = asyncio.Semaphore(MAX_IN_FLIGHT)
         while True:
             while not self._outbox:
                 self._outbox_ready.clear()
                 await self._outbox_ready.wait()
-            item = self._outbox[0]
-            # QoS 1: returns on PUBACK. If the connection drops first, the item stays at the
-            # head of the outbox and is sent again after the reconnect (at least once).
-            await client.publish(
-                item.topic,
-                item.payload,
-                qos=item.qos,
-                retain=item.retain,
-                timeout=PUBLISH_TIMEOUT_S,
+            await window.acquire()
+            item = self._outbox.popleft()
+            self._sequence += 1
+            self._unacked[self._sequence] = item
+            # Tasks start in creation order, so paho sends the messages in outbox order.
+            group.create_task(
+                self._publish(client, self._sequence, item, window), name="mqtt:publish"
             )
-            self._outbox.popleft()
-            if not self._outbox:
-                self._outbox_empty.set()
+
+    async def _publish(
+        self, client: aiomqtt.Client, sequence: int, item: Publication, window: asyncio.Semaphore
+    ) -> None:
+        # QoS 1: returns on PUBACK. If the connection drops first, the item is still in
+        # _unacked and is sent again after the reconnect (at least once).
+        await client.publish(
+            item.topic, item.payload, qos=item.qos, retain=item.retain, timeout=PUBLISH_TIMEOUT_S
+        )
+        del self._unacked[sequence]
+        window.release()
+        if not self._outbox and not self._unacked:
+            self._outbox_empty.set()

@@ -1,0 +1,324 @@
+"""Benchmark the bridge as deployed: mosquitto, a fake LLM and `xiaoai-bridge run` processes.
+
+Run from the repo root: `.venv/bin/python -m benchmarks.run` (add `--markdown` for the table
+committed to docs/benchmarks.md). Everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiomqtt
+from tests.fakes.mosquitto import Mosquitto, free_port
+
+QUESTION_TOPIC = "/xiaomi/chatgpt"
+REPLY_TOPIC = "/xiaomi/reply"
+API_KEY = "sk-bench-0123456789"
+READY_TIMEOUT_S = 30.0
+# Nagle's algorithm on the broker's or the load client's socket adds a ~40 ms delayed-ACK stall
+# to back-to-back small messages; neither is the bridge's doing (the bridge sets TCP_NODELAY).
+BROKER_CONFIG = ("set_tcp_nodelay true",)
+NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+
+
+@dataclass
+class Row:
+    """One line of the result table."""
+
+    measure: str
+    result: str
+    target: str
+    ok: bool
+
+
+@contextlib.asynccontextmanager
+async def fake_llm(first_token_ms: int, token_ms: int, tokens: int) -> AsyncIterator[str]:
+    """The fake OpenAI server in its own process; yields its base URL."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.fakes.openai_server",
+        "--port",
+        "0",
+        "--first-token-ms",
+        str(first_token_ms),
+        "--token-ms",
+        str(token_ms),
+        "--tokens",
+        str(tokens),
+        "--api-key",
+        API_KEY,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            line = (await proc.stdout.readline()).decode().split()
+        assert line[0] == "READY", line
+        yield line[1]
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+@dataclass
+class BridgeProcess:
+    """`xiaoai-bridge run` as a user would start it."""
+
+    proc: asyncio.subprocess.Process
+
+    def cpu_s(self) -> float:
+        """User plus system CPU time the service process has used."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self) -> float:
+        """Resident memory of the service process."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        kib = next(
+            int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")
+        )
+        return kib / 1024
+
+
+@contextlib.asynccontextmanager
+async def bridge(broker: Mosquitto, llm_url: str, work: Path) -> AsyncIterator[BridgeProcess]:
+    """Start the service on `broker` with `llm_url`; wait until it is online."""
+    config = work / f"bridge-{time.monotonic_ns()}.toml"
+    config.write_text(
+        f'data_dir = "{work / "data"}"\nlog_level = "WARNING"\n'
+        f'[mqtt]\nurl = "{broker.url}"\nclient_id = "bench-{time.monotonic_ns() % 10**9}"\n'
+        f'[llm]\nbase_url = "{llm_url}"\napi_key = "{API_KEY}"\nmodel = "fake-model"\n'
+        "max_retries = 0\n",
+        encoding="utf-8",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "XIAOAI_"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "xiaoai_bridge.cli", "run", "--config", str(config), env=env
+    )
+    try:
+        async with (
+            aiomqtt.Client(broker.host, broker.port) as client,
+            asyncio.timeout(READY_TIMEOUT_S),
+        ):
+            await client.subscribe("xiaoai-bridge/status", qos=1)
+            async for message in client.messages:
+                if message.payload == b"online":
+                    break
+        yield BridgeProcess(proc)
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+@dataclass
+class Listener:
+    """Collects stream and reply messages by question id."""
+
+    first_chunk: dict[str, float] = field(default_factory=dict)
+    replied: dict[str, float] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            now = time.perf_counter()
+            assert isinstance(message.payload, bytes)
+            data = json.loads(message.payload)
+            qid = str(data["id"])
+            if message.topic.matches(f"{REPLY_TOPIC}/stream"):
+                self.first_chunk.setdefault(qid, now)
+            else:
+                self.replied[qid] = now
+                self.changed.set()
+
+    async def wait_replies(self, count: int, timeout_s: float) -> None:
+        async with asyncio.timeout(timeout_s):
+            while len(self.replied) < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@contextlib.asynccontextmanager
+async def listener(broker: Mosquitto) -> AsyncIterator[tuple[aiomqtt.Client, Listener]]:
+    """A QoS 1 client that publishes questions and records every answer."""
+    async with aiomqtt.Client(broker.host, broker.port, socket_options=NODELAY) as client:
+        await client.subscribe(REPLY_TOPIC, qos=1)
+        await client.subscribe(f"{REPLY_TOPIC}/stream", qos=1)
+        state = Listener()
+        task = asyncio.create_task(state.run(client))
+        try:
+            yield client, state
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await task
+
+
+async def ask(client: aiomqtt.Client, qid: str, device: str) -> float:
+    """Publish one JSON question; return when it was sent."""
+    payload = json.dumps({"text": f"问题 {qid}", "device": device, "id": qid}, ensure_ascii=False)
+    sent = time.perf_counter()
+    await client.publish(QUESTION_TOPIC, payload, qos=1)
+    return sent
+
+
+def pct(values: Sequence[float], p: float) -> float:
+    """The p-th percentile (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def bench_overhead(broker: Mosquitto, work: Path, count: int) -> list[Row]:
+    """Publish -> first stream message with an instant LLM: the bridge's own latency."""
+    async with fake_llm(0, 0, 8) as url, bridge(broker, url, work), listener(broker) as (c, s):
+        for n in range(20):  # warm up connections and code paths
+            await ask(c, f"w{n}", "warm")
+            await s.wait_replies(n + 1, 10)
+        latencies = []
+        for n in range(count):
+            qid = f"o{n}"
+            sent = await ask(c, qid, "overhead")
+            await s.wait_replies(20 + n + 1, 10)
+            latencies.append((s.first_chunk[qid] - sent) * 1000)
+    p50, p95, worst = pct(latencies, 50), pct(latencies, 95), max(latencies)
+    return [
+        Row(
+            f"bridge overhead, publish -> first stream message, {count} questions "
+            "(instant fake LLM, so this includes its HTTP round trip)",
+            f"p50 {p50:.1f} ms, p95 {p95:.1f} ms, max {worst:.1f} ms",
+            "p95 < 10 ms",
+            p95 < 10,
+        )
+    ]
+
+
+async def bench_concurrency(broker: Mosquitto, work: Path, devices: int) -> list[Row]:
+    """One question alone, then one from each of `devices` devices at once."""
+    async with fake_llm(300, 20, 60) as url, bridge(broker, url, work), listener(broker) as (c, s):
+        sent = await ask(c, "single", "solo")
+        await s.wait_replies(1, 30)
+        single = s.replied["single"] - sent
+        first_single = s.first_chunk["single"] - sent
+        start = time.perf_counter()
+        for n in range(devices):
+            await ask(c, f"c{n}", f"device-{n}")
+        await s.wait_replies(devices + 1, 60)
+        total = max(s.replied[f"c{n}"] for n in range(devices)) - start
+        firsts = [s.first_chunk[f"c{n}"] - start for n in range(devices)]
+    return [
+        Row(
+            "one question, fake LLM 300 ms to first token + 20 ms x 60 tokens",
+            f"first sentence {first_single * 1000:.0f} ms, whole answer {single * 1000:.0f} ms",
+            "first sentence well before the whole answer",
+            first_single < single / 2,
+        ),
+        Row(
+            f"{devices} questions from {devices} devices at once, same fake LLM",
+            f"all answered in {total * 1000:.0f} ms ({total / single:.2f}x one question); "
+            f"first sentences p50 {pct(firsts, 50) * 1000:.0f} ms",
+            "< 1.5x one question",
+            total < 1.5 * single,
+        ),
+    ]
+
+
+async def bench_throughput(broker: Mosquitto, work: Path, count: int) -> list[Row]:
+    """Questions per second with an instant LLM; resident memory before and after."""
+    async with (
+        fake_llm(0, 0, 8) as url,
+        bridge(broker, url, work) as service,
+        listener(broker) as (c, s),
+    ):
+        await asyncio.sleep(1.0)  # let start-up allocations settle
+        idle = service.rss_mb()
+        cpu_before = service.cpu_s()
+        start = time.perf_counter()
+        for n in range(count):
+            await ask(c, f"t{n}", f"dev-{n % 100}")
+        await s.wait_replies(count, 120)
+        elapsed = max(s.replied.values()) - start
+        busy = service.rss_mb()
+        cpu_ms = (service.cpu_s() - cpu_before) * 1000 / count
+    rate = count / elapsed
+    return [
+        Row(
+            f"throughput, {count} questions from 100 devices, instant fake LLM",
+            f"{rate:.0f} questions/s, {len(s.replied)}/{count} answered; service CPU "
+            f"{cpu_ms:.2f} ms per question",
+            ">= 300/s, no loss",
+            rate >= 300 and len(s.replied) == count,
+        ),
+        Row(
+            "resident memory of the service",
+            f"idle {idle:.0f} MB, after {count} questions {busy:.0f} MB",
+            "< 80 MB",
+            busy < 80,
+        ),
+    ]
+
+
+def machine() -> str:
+    """One line describing where the figures come from."""
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), "
+        f"Python {platform.python_version()}"
+    )
+
+
+async def main(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="xiaoai-bench-") as tmp:
+        work = Path(tmp)
+        async with Mosquitto(port=free_port(), extra_config=BROKER_CONFIG) as broker:
+            rows = await bench_overhead(broker, work, args.questions)
+            rows += await bench_concurrency(broker, work, args.devices)
+            rows += await bench_throughput(broker, work, args.throughput)
+    if args.markdown:
+        print(f"Machine: {machine()}\n")
+        print("| measure | result | target | met |\n|---|---|---|---|")
+        for row in rows:
+            print(f"| {row.measure} | {row.result} | {row.target} | {'yes' if row.ok else 'NO'} |")
+    else:
+        print(machine())
+        for row in rows:
+            print(
+                f"{'ok ' if row.ok else 'MISS'} {row.measure}\n     {row.result} "
+                f"(target {row.target})"
+            )
+    return 0 if all(row.ok for row in rows) else 1
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--questions", type=int, default=200, help="for the overhead measure")
+    parser.add_argument("--devices", type=int, default=50, help="for the concurrency measure")
+    parser.add_argument(
+        "--throughput",
+        type=int,
+        default=1000,
+        help="questions for the throughput and memory measure",
+    )
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(parse_args())))
