@@ -38,5 +38,5 @@ def setup_logging(level: str, secrets: Iterable[str] = ()) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("amqtt", "transitions", "httpx", "httpx2", "aiomqtt"):
+    for noisy in ("amqtt", "transitions", "aiomqtt"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
