@@ -28,6 +28,8 @@ class Utterance:
     reply_format: ReplyFormat = ReplyFormat.PLAIN
     # Set by a source that could not read the message (e.g. "too_long"): apologise, don't ask.
     rejected: str = ""
+    # Seconds since the epoch when it was said, if the source knows (for latency figures).
+    said_at: float | None = None
     # Sources may carry their own routing data (e.g. a media_player entity) for their sink.
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -64,3 +66,6 @@ class Answer:
     # Seconds from the pipeline receiving the utterance to the first chunk / the end.
     first_chunk_s: float | None = None
     total_s: float | None = None
+    # Continuous conversation is on for this device: a sink that can should wake the speaker
+    # to listen again once the answer has been spoken.
+    keep_listening: bool = False
