@@ -6,33 +6,36 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 
 from xiaoai_bridge.broker import embedded_broker
+from xiaoai_bridge.clients.homeassistant import HomeAssistantClient
 from xiaoai_bridge.clients.mqtt import MqttConnection
-from xiaoai_bridge.config import DEFAULT_EMBEDDED_HOST, Settings
+from xiaoai_bridge.config import DEFAULT_EMBEDDED_HOST, Settings, TriggerSettings
+from xiaoai_bridge.errors import ConfigError
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
 from xiaoai_bridge.pipeline.dispatcher import Dispatcher
 from xiaoai_bridge.pipeline.memory import ConversationMemory
 from xiaoai_bridge.pipeline.pipeline import Pipeline, PipelineSettings
 from xiaoai_bridge.pipeline.trigger import Trigger
+from xiaoai_bridge.reconnect import ReconnectPolicy
+from xiaoai_bridge.sinks.homeassistant import HomeAssistantSink, resolve_speak_service
 from xiaoai_bridge.sinks.mqtt import MqttSink
 from xiaoai_bridge.sources.base import Source
+from xiaoai_bridge.sources.homeassistant import SOURCE_NAME as HA_SOURCE
+from xiaoai_bridge.sources.homeassistant import HomeAssistantSource
 from xiaoai_bridge.sources.mqtt import MqttSource
 
 _LOGGER = logging.getLogger(__name__)
 
 MEMORY_FILE = "memory.sqlite3"
-# On SIGTERM, answers already started get this long to finish and be published.
+# On SIGTERM, answers already started get this long to finish and be delivered.
 SHUTDOWN_GRACE_S = 10.0
 
 
-def build_trigger(settings: Settings) -> Trigger:
-    """The `[trigger]` section as a Trigger."""
-    return Trigger(
-        strip_regex=settings.trigger.strip_regex,
-        mode=settings.trigger.mode,
-        keywords=settings.trigger.keywords,
-    )
+def build_trigger(settings: TriggerSettings) -> Trigger:
+    """A `[trigger]`-shaped section as a Trigger."""
+    return Trigger(strip_regex=settings.strip_regex, mode=settings.mode, keywords=settings.keywords)
 
 
 @contextlib.contextmanager
@@ -59,6 +62,9 @@ async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
             "no LLM API key configured: every question will get a spoken reminder. Set "
             "[llm] api_key in the config file or the OPENAI_API_KEY environment variable"
         )
+    triggers: dict[str, Trigger] = {}
+    if settings.homeassistant.enabled:
+        triggers[HA_SOURCE] = build_trigger(settings.homeassistant.trigger)
     pipeline_settings = PipelineSettings(
         system_prompt=settings.llm.system_prompt,
         forget_commands=settings.memory.forget_commands,
@@ -66,6 +72,10 @@ async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
         max_chunk_chars=settings.speech.max_chars,
         max_concurrent_llm=settings.llm.max_concurrent,
         answer_timeout_s=settings.llm.answer_timeout_s,
+        triggers=triggers,
+        continuous_start_commands=settings.conversation.start_commands,
+        continuous_stop_commands=settings.conversation.stop_commands,
+        continuous_idle_s=settings.conversation.idle_timeout_s,
     )
     try:
         with open_memory(settings) as memory:
@@ -73,15 +83,10 @@ async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
                 backend=backend,
                 memory=memory,
                 settings=pipeline_settings,
-                default_trigger=build_trigger(settings),
+                default_trigger=build_trigger(settings.trigger),
             )
     finally:
         await backend.aclose()
-
-
-async def _pump(source: Source, dispatcher: Dispatcher) -> None:
-    async for utterance in source.utterances():
-        dispatcher.submit(utterance)
 
 
 def mqtt_connection(settings: Settings) -> MqttConnection:
@@ -100,50 +105,125 @@ def mqtt_connection(settings: Settings) -> MqttConnection:
     )
 
 
-async def run_service(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    """Run until `stop` is set (or the task is cancelled), then shut down in order."""
-    stop = stop or asyncio.Event()
-    async with contextlib.AsyncExitStack() as stack:
-        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if settings.mqtt.embedded:
-            await stack.enter_async_context(
-                embedded_broker(DEFAULT_EMBEDDED_HOST, settings.mqtt.embedded_port)
-            )
-        pipeline = await stack.enter_async_context(open_pipeline(settings))
-        connection = mqtt_connection(settings)
-        source = MqttSource(
+@dataclass
+class Service:
+    """The running parts, for the HTTP status page and tests to look at."""
+
+    settings: Settings
+    pipeline: Pipeline
+    dispatcher: Dispatcher
+    sources: list[Source] = field(default_factory=list)
+    # Adapter name -> its connection's state, for /healthz.
+    connections: dict[str, ReconnectPolicy] = field(default_factory=dict)
+    mqtt: MqttConnection | None = None
+
+
+async def _pump(source: Source, dispatcher: Dispatcher) -> None:
+    async for utterance in source.utterances():
+        dispatcher.submit(utterance)
+
+
+async def _add_mqtt(service: Service, stack: contextlib.AsyncExitStack) -> None:
+    settings = service.settings
+    if settings.mqtt.embedded:
+        await stack.enter_async_context(
+            embedded_broker(DEFAULT_EMBEDDED_HOST, settings.mqtt.embedded_port)
+        )
+    connection = mqtt_connection(settings)
+    service.mqtt = connection
+    service.connections["mqtt"] = connection.policy
+    service.sources.append(
+        MqttSource(
             connection,
             question_topic=settings.mqtt.question_topic,
             max_payload_bytes=settings.mqtt.max_payload_bytes,
         )
-        sink = MqttSink(
+    )
+    service.dispatcher.add_sink(
+        MqttSink(
             connection,
             reply_topic=settings.mqtt.reply_topic,
             stream_topic=settings.mqtt.stream_topic,
             error_topic=settings.mqtt.error_topic,
         )
-        dispatcher = Dispatcher(pipeline, {sink.name: sink})
-        _LOGGER.info(
-            "xiaoai-bridge listening on %s, replying on %s",
-            settings.mqtt.question_topic,
-            settings.mqtt.reply_topic,
-        )
-        async with asyncio.TaskGroup() as group:
-            connection_task = group.create_task(connection.run(), name="mqtt:connection")
-            source_task = group.create_task(_pump(source, dispatcher), name="mqtt:source")
-            await stop.wait()
-            # Reverse order: stop hearing, finish answers, deliver them, say goodbye.
-            source_task.cancel()
-            try:
-                async with asyncio.timeout(SHUTDOWN_GRACE_S):
-                    await dispatcher.drain()
-                    await connection.flush()
-            except TimeoutError:
-                _LOGGER.warning(
-                    "shutdown: %d answers unfinished, %d messages unsent",
-                    dispatcher.in_flight,
-                    connection.pending,
-                )
-            await dispatcher.aclose()
-            await connection.close()
+    )
+    _LOGGER.info(
+        "MQTT mode: questions on %s, answers on %s",
+        settings.mqtt.question_topic,
+        settings.mqtt.reply_topic,
+    )
+
+
+async def _add_homeassistant(service: Service, stack: contextlib.AsyncExitStack) -> None:
+    ha = service.settings.homeassistant
+    if ha.url is None or ha.token is None:  # the config model checks this already
+        raise ConfigError("homeassistant.url and homeassistant.token are both needed")
+    # A rejected token raises HomeAssistantAuthError here: fatal, before anything runs.
+    client = await stack.enter_async_context(
+        HomeAssistantClient(ha.url, ha.token.get_secret_value())
+    )
+    service.connections["homeassistant"] = client.policy
+    service.sources.append(
+        HomeAssistantSource(client, speakers=ha.speakers, freshness_s=ha.freshness_s)
+    )
+    sink = HomeAssistantSink(
+        client,
+        speak=resolve_speak_service(ha.speak_service, text_field=ha.speak_text_field),
+        speak_targets=ha.speak_targets,
+        chars_per_second=ha.chars_per_second,
+        stop_xiaoai=ha.stop_xiaoai,
+        acknowledgement=ha.acknowledgement,
+    )
+    service.dispatcher.add_sink(await stack.enter_async_context(sink))
+    _LOGGER.info("Home Assistant mode: %s", ha.url)
+
+
+@contextlib.asynccontextmanager
+async def open_service(settings: Settings) -> AsyncIterator[Service]:
+    """Build every configured mode around one pipeline; nothing runs until `run`."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    async with contextlib.AsyncExitStack() as stack:
+        pipeline = await stack.enter_async_context(open_pipeline(settings))
+        service = Service(settings, pipeline, Dispatcher(pipeline, {}))
+        if settings.mqtt_enabled:
+            await _add_mqtt(service, stack)
+        if settings.homeassistant.enabled:
+            await _add_homeassistant(service, stack)
+        stack.push_async_callback(service.dispatcher.aclose)
+        yield service
+
+
+async def serve(service: Service, stop: asyncio.Event) -> None:
+    """Hear and answer until `stop` is set, then shut down in reverse order."""
+    async with asyncio.TaskGroup() as group:
+        if service.mqtt is not None:
+            connection_task = group.create_task(service.mqtt.run(), name="mqtt:connection")
+        pumps = [
+            group.create_task(_pump(source, service.dispatcher), name=f"{source.name}:source")
+            for source in service.sources
+        ]
+        await stop.wait()
+        # Stop hearing, finish the answers under way, deliver them, say goodbye.
+        for pump in pumps:
+            pump.cancel()
+        try:
+            async with asyncio.timeout(SHUTDOWN_GRACE_S):
+                await service.dispatcher.drain()
+                if service.mqtt is not None:
+                    await service.mqtt.flush()
+        except TimeoutError:
+            _LOGGER.warning(
+                "shutdown: %d answers unfinished, %d MQTT messages unsent",
+                service.dispatcher.in_flight,
+                service.mqtt.pending if service.mqtt else 0,
+            )
+        await service.dispatcher.aclose()
+        if service.mqtt is not None:
+            await service.mqtt.close()
             connection_task.cancel()
+
+
+async def run_service(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set (or the task is cancelled)."""
+    async with open_service(settings) as service:
+        await serve(service, stop or asyncio.Event())

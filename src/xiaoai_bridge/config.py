@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from xiaoai_bridge.errors import ConfigError
@@ -41,6 +49,17 @@ DEFAULT_ANSWER_TIMEOUT_S = 120.0
 
 DEFAULT_STRIP_REGEX = "(.*机器人)"
 DEFAULT_KEYWORDS = ("机器人",)
+
+DEFAULT_CONTINUOUS_START = ("开始持续对话",)
+DEFAULT_CONTINUOUS_STOP = ("结束持续对话",)
+DEFAULT_CONTINUOUS_IDLE_S = 30.0
+
+# Home Assistant and Xiaomi modes hear everything said to the speaker, XiaoAi's own commands
+# included, so they answer only triggered utterances by default.
+DEFAULT_HA_KEYWORDS = ("机器人",)
+DEFAULT_HA_SPEAK_SERVICE = "xiaomi_miot.intelligent_speaker"
+DEFAULT_HA_FRESHNESS_S = 60.0
+DEFAULT_SPEECH_CHARS_PER_S = 4.5
 
 DEFAULT_MAX_TURNS = 10
 DEFAULT_MAX_HISTORY_TOKENS = 2000
@@ -89,6 +108,10 @@ class MqttSettings(_Section):
         default=DEFAULT_MAX_PAYLOAD_BYTES,
         ge=16,
         description="Larger questions get an apology, not an answer.",
+    )
+    enabled: bool | None = Field(
+        default=None,
+        description="Run MQTT mode. Unset: on when url is set or no other mode is configured.",
     )
     embedded_port: int = Field(
         default=DEFAULT_MQTT_PORT,
@@ -243,6 +266,104 @@ class TriggerSettings(_Section):
         return value
 
 
+class ConversationSettings(_Section):
+    """`[conversation]`: continuous conversation, switched on and off by voice."""
+
+    start_commands: tuple[str, ...] = Field(
+        default=DEFAULT_CONTINUOUS_START,
+        description="Phrases that start a continuous conversation: every utterance is then a "
+        "question, no keyword needed.",
+    )
+    stop_commands: tuple[str, ...] = Field(
+        default=DEFAULT_CONTINUOUS_STOP, description="Phrases that end it."
+    )
+    idle_timeout_s: float = Field(
+        default=DEFAULT_CONTINUOUS_IDLE_S,
+        gt=0,
+        description="It ends by itself after this long without a question.",
+    )
+
+
+def _keyword_trigger(keywords: tuple[str, ...]) -> TriggerSettings:
+    return TriggerSettings(mode="keyword", keywords=keywords)
+
+
+class HomeAssistantSettings(_Section):
+    """`[homeassistant]`: hear and speak through Home Assistant's websocket API."""
+
+    url: str | None = Field(
+        default=None,
+        description="Home Assistant URL, e.g. http://homeassistant.local:8123. Unset: this "
+        "mode is off.",
+    )
+    token: SecretStr | None = Field(
+        default=None, description="Long-lived access token (Profile > Security)."
+    )
+    speakers: dict[str, str] | None = Field(
+        default=None,
+        description='Conversation sensor -> media_player to use; "" takes the sensor\'s '
+        "parent_entity_id. Unset: discover every hass-xiaomi-miot conversation sensor.",
+    )
+    freshness_s: float = Field(
+        default=DEFAULT_HA_FRESHNESS_S,
+        gt=0,
+        description="Utterances older than this are never answered (restarts replay them).",
+    )
+    speak_service: str = Field(
+        default=DEFAULT_HA_SPEAK_SERVICE,
+        description="Service that speaks: xiaomi_miot.intelligent_speaker, "
+        "notify.send_message, or any domain.service taking a text field.",
+    )
+    speak_text_field: str | None = Field(
+        default=None, description="Field carrying the text for other services (default text)."
+    )
+    speak_targets: dict[str, str] = Field(
+        default_factory=dict,
+        description="media_player -> entity to speak on, e.g. a notify entity.",
+    )
+    chars_per_second: float = Field(
+        default=DEFAULT_SPEECH_CHARS_PER_S,
+        gt=0,
+        description="Speech rate used to pace sentences (the service says nothing about when "
+        "speech ends).",
+    )
+    stop_xiaoai: Literal["none", "pause", "stop"] = Field(
+        default="none",
+        description="Pause or stop the speaker when a triggered question arrives, cutting "
+        "XiaoAi's own answer short.",
+    )
+    acknowledgement: str = Field(
+        default="", description="Said at once when a question is accepted, e.g. 让我想想."
+    )
+    trigger: TriggerSettings = Field(
+        default_factory=lambda: _keyword_trigger(DEFAULT_HA_KEYWORDS),
+        description="Which utterances are questions (default: keyword mode, 机器人).",
+    )
+
+    @field_validator("speak_service")
+    @classmethod
+    def _check_service(cls, value: str) -> str:
+        domain, _, service = value.partition(".")
+        if not domain or not service:
+            raise ValueError("must look like domain.service")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _check_ha_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+            raise ValueError("must be an http(s):// or ws(s):// URL")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        """True when Home Assistant mode is configured."""
+        return self.url is not None
+
+
 class MemorySettings(_Section):
     """`[memory]`: conversation history kept per device."""
 
@@ -298,6 +419,24 @@ class Settings(BaseSettings):
     trigger: TriggerSettings = Field(default_factory=TriggerSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
     speech: SpeechSettings = Field(default_factory=SpeechSettings)
+    conversation: ConversationSettings = Field(default_factory=ConversationSettings)
+    homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
+
+    @model_validator(mode="after")
+    def _check_modes(self) -> Settings:
+        if self.homeassistant.enabled and self.homeassistant.token is None:
+            raise ValueError(
+                "homeassistant.token: Home Assistant mode needs a long-lived access token "
+                f"(set it in the file or with ${ENV_PREFIX}HOMEASSISTANT__TOKEN)"
+            )
+        return self
+
+    @property
+    def mqtt_enabled(self) -> bool:
+        """MQTT mode runs when configured, or as the default when no other mode is."""
+        if self.mqtt.enabled is not None:
+            return self.mqtt.enabled
+        return self.mqtt.url is not None or not self.homeassistant.enabled
 
     @classmethod
     def settings_customise_sources(
@@ -363,12 +502,15 @@ def _describe(err: ValidationError, path: Path | None) -> str:
     where = f" in {path}" if path else ""
     lines = [f"invalid configuration{where}:"]
     for problem in err.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":
             message = "unknown key (check its spelling and section)"
         elif message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
+        if not problem["loc"]:  # a check across keys: its message names them
+            lines.append(f"  {message}")
+            continue
+        key = ".".join(str(part) for part in problem["loc"])
         env = ENV_PREFIX + "__".join(str(part).upper() for part in problem["loc"])
         lines.append(f"  {key}: {message} (set it in the file or with ${env})")
     return "\n".join(lines)

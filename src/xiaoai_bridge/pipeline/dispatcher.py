@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
-from xiaoai_bridge.models import Answer, Utterance
+from xiaoai_bridge.errors import BridgeError
+from xiaoai_bridge.models import Answer, SpeechChunk, Utterance
 from xiaoai_bridge.pipeline.pipeline import Pipeline
 from xiaoai_bridge.sinks.base import Sink
 
@@ -25,12 +26,21 @@ class Dispatcher:
         self._queues: dict[str, deque[Utterance]] = {}
         self._workers: set[asyncio.Task[None]] = set()
         self._listeners: list[AnswerListener] = []
+        self._observers: list[Sink] = []
         self._idle = asyncio.Event()
         self._idle.set()
 
     def add_listener(self, listener: AnswerListener) -> None:
-        """Be told about every finished answer (metrics, status page)."""
+        """Be told about every finished answer (metrics)."""
         self._listeners.append(listener)
+
+    def add_observer(self, observer: Sink) -> None:
+        """See every answer's life cycle as its sink does (status page, discovery sensors)."""
+        self._observers.append(observer)
+
+    def add_sink(self, sink: Sink) -> None:
+        """Answer the utterances of source `sink.name` through `sink`."""
+        self._sinks[sink.name] = sink
 
     @property
     def in_flight(self) -> int:
@@ -79,10 +89,47 @@ class Dispatcher:
 
     async def _answer(self, utterance: Utterance) -> None:
         try:
-            answer = await self._pipeline.handle(utterance, self._sinks[utterance.source])
+            sink = self._sinks[utterance.source]
+            if self._observers:
+                sink = _Observed(sink, self._observers)
+            answer = await self._pipeline.handle(utterance, sink)
         except Exception:
             # The supervisor boundary: a bug in one answer must not stop the others.
             _LOGGER.exception("unexpected error answering %s", utterance.device)
             return
         for listener in self._listeners:
             listener(answer)
+
+
+class _Observed:
+    """A sink whose calls are repeated to observers; an observer's failure stays its own."""
+
+    def __init__(self, sink: Sink, observers: list[Sink]) -> None:
+        self._sink = sink
+        self._observers = observers
+
+    @property
+    def name(self) -> str:
+        return self._sink.name
+
+    async def begin(self, utterance: Utterance) -> None:
+        for observer in self._observers:
+            await _quietly(observer.name, observer.begin(utterance))
+        await self._sink.begin(utterance)
+
+    async def chunk(self, utterance: Utterance, chunk: SpeechChunk) -> None:
+        for observer in self._observers:
+            await _quietly(observer.name, observer.chunk(utterance, chunk))
+        await self._sink.chunk(utterance, chunk)
+
+    async def end(self, answer: Answer) -> None:
+        for observer in self._observers:
+            await _quietly(observer.name, observer.end(answer))
+        await self._sink.end(answer)
+
+
+async def _quietly(name: str, call: Awaitable[None]) -> None:
+    try:
+        await call
+    except BridgeError as err:
+        _LOGGER.warning("observer %s failed: %s", name, err)

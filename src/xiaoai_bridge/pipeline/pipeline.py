@@ -35,6 +35,8 @@ APOLOGIES: Mapping[str, str] = {
 GENERIC_APOLOGY = "抱歉，出了点问题，请稍后再试。"
 INTERRUPTED_APOLOGY = "抱歉，回答被打断了。"
 FORGET_REPLY = "好的，之前的对话我已经忘掉了。"
+CONTINUOUS_ON_REPLY = "好的，我们开始持续对话，不用再说唤醒词了。"
+CONTINUOUS_OFF_REPLY = "好的，持续对话结束了。"
 WAKE_ONLY_REPLY = "我在，请问有什么可以帮你？"
 
 
@@ -57,6 +59,10 @@ def _is_wide(char: str) -> bool:
     return unicodedata.east_asian_width(char) in "WF"
 
 
+def _command_set(phrases: Iterable[str]) -> frozenset[str]:
+    return frozenset(_normalize_command(p) for p in phrases) - {""}
+
+
 def _normalize_command(text: str) -> str:
     # Speech recognition adds punctuation and spaces at will; compare letters only.
     return "".join(c for c in text if unicodedata.category(c)[0] in "LN").lower()
@@ -73,6 +79,9 @@ class PipelineSettings:
     max_concurrent_llm: int = 64
     answer_timeout_s: float = 120.0
     triggers: Mapping[str, Trigger] = field(default_factory=dict)
+    continuous_start_commands: Iterable[str] = ()
+    continuous_stop_commands: Iterable[str] = ()
+    continuous_idle_s: float = 30.0
 
 
 class Pipeline:
@@ -91,7 +100,12 @@ class Pipeline:
         self._memory = memory
         self._settings = settings
         self._default_trigger = default_trigger
-        self._forget = {_normalize_command(c) for c in settings.forget_commands} - {""}
+        self._forget = _command_set(settings.forget_commands)
+        self._continuous_start = _command_set(settings.continuous_start_commands)
+        self._continuous_stop = _command_set(settings.continuous_stop_commands)
+        # Device -> clock time when its continuous conversation lapses.
+        self._continuous: dict[str, float] = {}
+        self.enabled = True
         self._llm_slots = asyncio.Semaphore(settings.max_concurrent_llm)
         self._clock = clock
 
@@ -107,11 +121,21 @@ class Pipeline:
             )
             await run.say(apology_for(utterance.rejected), final=True)
             return await run.end(Outcome.FAILED, reason=utterance.rejected)
+        if not self.enabled:
+            return await run.end(Outcome.IGNORED, reason="disabled")
+        device = utterance.device
         trigger = self._settings.triggers.get(utterance.source, self._default_trigger)
-        question = trigger.apply(utterance.text)
+        command = _normalize_command(trigger.apply(utterance.text, require_keyword=False) or "")
+        if command in self._continuous_start or command in self._continuous_stop:
+            return await self._switch_continuous(run, on=command in self._continuous_start)
+        continuous = self.continuous(device)
+        question = trigger.apply(utterance.text, require_keyword=not continuous)
         if question is None:
             _LOGGER.debug("not triggered, left to XiaoAi: %r", utterance.text)
             return await run.end(Outcome.IGNORED, reason="not_triggered")
+        if continuous:
+            self._continuous[device] = self._clock() + self._settings.continuous_idle_s
+        run.keep_listening = continuous
         await run.begin()
         if not question:
             await run.say(WAKE_ONLY_REPLY, final=True)
@@ -122,6 +146,29 @@ class Pipeline:
             await run.say(FORGET_REPLY, final=True)
             return await run.end(Outcome.COMMAND, reason="forget")
         return await self._ask(run, question)
+
+    def continuous(self, device: str) -> bool:
+        """True while `device` is in a continuous conversation (no keyword needed)."""
+        deadline = self._continuous.get(device)
+        if deadline is None:
+            return False
+        if deadline <= self._clock():
+            del self._continuous[device]
+            _LOGGER.info("continuous conversation with %s ended after being idle", device)
+            return False
+        return True
+
+    async def _switch_continuous(self, run: _Run, *, on: bool) -> Answer:
+        device = run.utterance.device
+        if on:
+            self._continuous[device] = self._clock() + self._settings.continuous_idle_s
+        else:
+            self._continuous.pop(device, None)
+        _LOGGER.info("continuous conversation with %s %s", device, "on" if on else "off")
+        run.keep_listening = on
+        await run.begin()
+        await run.say(CONTINUOUS_ON_REPLY if on else CONTINUOUS_OFF_REPLY, final=True)
+        return await run.end(Outcome.COMMAND, reason="continuous_on" if on else "continuous_off")
 
     async def _ask(self, run: _Run, question: str) -> Answer:
         device = run.utterance.device
@@ -169,6 +216,7 @@ class _Run:
         self.sink = sink
         self.seq = 0
         self.spoken: list[str] = []
+        self.keep_listening = False
         self._clock = clock
         self._started = clock()
         self._first_chunk: float | None = None
@@ -200,6 +248,7 @@ class _Run:
             reason,
             self._first_chunk,
             self._clock() - self._started,
+            keep_listening=self.keep_listening,
         )
         await self._guard(self.sink.end(answer))
         return answer

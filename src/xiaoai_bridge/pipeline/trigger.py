@@ -17,9 +17,13 @@ class Trigger:
         self._mode = mode
         self._keywords = tuple(k for k in keywords if k)
 
-    def apply(self, text: str) -> str | None:
-        """The question to ask, or None when the message is not for us."""
-        if self._mode == "keyword" and not any(k in text for k in self._keywords):
+    def apply(self, text: str, *, require_keyword: bool = True) -> str | None:
+        """The question to ask, or None when the message is not for us.
+
+        `require_keyword=False` (continuous conversation) answers without a keyword.
+        """
+        needs = require_keyword and self._mode == "keyword"
+        if needs and not any(k in text for k in self._keywords):
             return None
         if self._strip is not None:
             # Like the seed (Go's ReplaceAllString): greedy, so it strips through the last match.
