@@ -15,8 +15,9 @@ import aiomqtt
 
 from xiaoai_bridge import __version__
 from xiaoai_bridge.app import open_pipeline, run_service
+from xiaoai_bridge.clients.homeassistant import ProbeResult, probe
 from xiaoai_bridge.config import DEFAULT_EMBEDDED_HOST, Settings, find_config_file, load_settings
-from xiaoai_bridge.errors import BridgeError, LLMError
+from xiaoai_bridge.errors import BridgeError, ConfigError, LLMError
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
 from xiaoai_bridge.log import setup_logging
 from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
@@ -81,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
         "when something is wrong.",
     )
     config_arg(check)
+    speakers = commands.add_parser(
+        "ha-speakers",
+        help="list Home Assistant's XiaoAi speakers",
+        description="Connect to Home Assistant ([homeassistant] url and token) and print its "
+        "XiaoAi conversation sensors and speakers, as config lines to copy.",
+    )
+    config_arg(speakers)
     return parser
 
 
@@ -100,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ask":
             setup_logging("DEBUG" if args.debug else "WARNING", _secrets(settings))
             return asyncio.run(_ask(settings, args.question, args.device))
+        setup_logging("DEBUG" if args.debug else "ERROR", _secrets(settings))
+        if args.command == "ha-speakers":
+            return asyncio.run(_ha_speakers(settings))
         return asyncio.run(_check(settings))
     except BridgeError as err:
         if args.debug:
@@ -156,8 +167,12 @@ async def _check(settings: Settings) -> int:
         print(f"{'ok  ' if ok else 'FAIL'} {what}: {detail}")
 
     report(True, "config", f"valid; data in {settings.data_dir}")
-    ok, detail = await _check_broker(settings)
-    report(ok, "mqtt", detail)
+    if settings.mqtt_enabled:
+        ok, detail = await _check_broker(settings)
+        report(ok, "mqtt", detail)
+    if settings.homeassistant.enabled:
+        ok, detail = await _check_homeassistant(settings)
+        report(ok, "homeassistant", detail)
     backend = OpenAICompatBackend(settings.llm)
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
@@ -170,6 +185,39 @@ async def _check(settings: Settings) -> int:
     finally:
         await backend.aclose()
     return EXIT_OK if problems == 0 else EXIT_FAILED
+
+
+async def _probe_homeassistant(settings: Settings) -> ProbeResult:
+    ha = settings.homeassistant
+    if ha.url is None or ha.token is None:
+        raise ConfigError("set [homeassistant] url and token first")
+    return await probe(ha.url, ha.token.get_secret_value(), timeout_s=CHECK_TIMEOUT_S)
+
+
+async def _check_homeassistant(settings: Settings) -> tuple[bool, str]:
+    try:
+        found = await _probe_homeassistant(settings)
+    except BridgeError as err:
+        return False, str(err)
+    if not found.speakers:
+        return False, (
+            f"Home Assistant {found.ha_version} reached, but it has no XiaoAi conversation "
+            "sensor: set up hass-xiaomi-miot with the speaker owner's Xiaomi account"
+        )
+    listed = ", ".join(f"{s.entity_id} -> {s.media_player}" for s in found.speakers)
+    return True, f"Home Assistant {found.ha_version}, speakers: {listed}"
+
+
+async def _ha_speakers(settings: Settings) -> int:
+    found = await _probe_homeassistant(settings)
+    if not found.speakers:
+        print("no XiaoAi conversation sensor found (is hass-xiaomi-miot set up?)", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"# Home Assistant {found.ha_version}: conversation sensor = speaker")
+    print("[homeassistant.speakers]")
+    for speaker in found.speakers:
+        print(f'"{speaker.entity_id}" = "{speaker.media_player}"  # {speaker.friendly_name}')
+    return EXIT_OK
 
 
 async def _check_broker(settings: Settings) -> tuple[bool, str]:
