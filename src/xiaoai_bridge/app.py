@@ -96,7 +96,6 @@ def mqtt_connection(settings: Settings) -> MqttConnection:
         host=endpoint.host,
         port=endpoint.port,
         client_id=settings.mqtt.client_id,
-        subscriptions=[settings.mqtt.question_topic],
         status_topic=settings.mqtt.status_topic,
         username=endpoint.username,
         password=endpoint.password.get_secret_value() if endpoint.password else None,

@@ -364,6 +364,35 @@ class HomeAssistantSettings(_Section):
         return self.url is not None
 
 
+DEFAULT_HTTP_PORT = 8099
+_LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class HttpSettings(_Section):
+    """`[http]`: the status page, /healthz and /metrics."""
+
+    enabled: bool = Field(default=True, description="Serve the status page and endpoints.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to listen on; beyond loopback a token is required.",
+    )
+    port: int = Field(default=DEFAULT_HTTP_PORT, ge=0, le=65535, description="TCP port.")
+    token: SecretStr | None = Field(
+        default=None,
+        description="Access token for the page and API (Authorization: Bearer, or ?token=); "
+        "/healthz stays open for container health checks.",
+    )
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> HttpSettings:
+        if self.enabled and self.host not in _LOOPBACK_HOSTS and self.token is None:
+            raise ValueError(
+                f"http.token: required when http.host is {self.host!r} (beyond loopback); "
+                f"set it with ${ENV_PREFIX}HTTP__TOKEN"
+            )
+        return self
+
+
 class MemorySettings(_Section):
     """`[memory]`: conversation history kept per device."""
 
@@ -421,6 +450,7 @@ class Settings(BaseSettings):
     speech: SpeechSettings = Field(default_factory=SpeechSettings)
     conversation: ConversationSettings = Field(default_factory=ConversationSettings)
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
 
     @model_validator(mode="after")
     def _check_modes(self) -> Settings:

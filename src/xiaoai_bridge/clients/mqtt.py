@@ -62,7 +62,7 @@ class MqttConnection:
         host: str,
         port: int,
         client_id: str,
-        subscriptions: Sequence[str],
+        subscriptions: Sequence[str] = (),
         status_topic: str,
         username: str | None = None,
         password: str | None = None,
@@ -73,7 +73,10 @@ class MqttConnection:
         self._host = host
         self._port = port
         self._client_id = client_id
-        self._subscriptions = tuple(subscriptions)
+        # Topic filter -> the queue of its consumer; every filter is subscribed at QoS 1.
+        self._subscriptions: dict[str, asyncio.Queue[Received]] = {}
+        for topic in subscriptions:
+            self.subscribe(topic)
         self._status_topic = status_topic
         self._username = username
         self._password = password
@@ -87,7 +90,6 @@ class MqttConnection:
         self._outbox_ready = asyncio.Event()
         self._outbox_empty = asyncio.Event()
         self._outbox_empty.set()
-        self._incoming: asyncio.Queue[Received] = asyncio.Queue(MAX_QUEUED_INCOMING)
         self._connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
 
@@ -109,10 +111,15 @@ class MqttConnection:
         self._outbox_ready.set()
         self._outbox_empty.clear()
 
-    async def messages(self) -> AsyncIterator[Received]:
-        """Every message on the subscribed topics, across reconnects."""
+    def subscribe(self, topic_filter: str) -> None:
+        """Receive `topic_filter` from the next (re)connection on; call before `run`."""
+        self._subscriptions.setdefault(topic_filter, asyncio.Queue(MAX_QUEUED_INCOMING))
+
+    async def messages(self, topic_filter: str) -> AsyncIterator[Received]:
+        """Every message matching a subscribed filter, across reconnects."""
+        queue = self._subscriptions[topic_filter]
         while True:
-            yield await self._incoming.get()
+            yield await queue.get()
 
     @property
     def pending(self) -> int:
@@ -168,8 +175,8 @@ class MqttConnection:
         )
         async with client:
             self._client = client
-            for topic in self._subscriptions:
-                await client.subscribe(topic, qos=1)
+            for topic_filter in self._subscriptions:
+                await client.subscribe(topic_filter, qos=1)
             await client.publish(self._status_topic, ONLINE, qos=1, retain=True)
             self._connected.set()
             self.policy.connected()
@@ -185,7 +192,10 @@ class MqttConnection:
         async for message in client.messages:
             payload = message.payload
             data = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
-            await self._incoming.put(Received(str(message.topic), bytes(data)))
+            received = Received(str(message.topic), bytes(data))
+            for topic_filter, queue in self._subscriptions.items():
+                if message.topic.matches(topic_filter):
+                    await queue.put(received)
 
     async def _send(self, client: aiomqtt.Client, group: asyncio.TaskGroup) -> None:
         window = asyncio.Semaphore(MAX_IN_FLIGHT)

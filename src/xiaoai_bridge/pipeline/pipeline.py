@@ -147,6 +147,11 @@ class Pipeline:
             return await run.end(Outcome.COMMAND, reason="forget")
         return await self._ask(run, question)
 
+    @property
+    def memory(self) -> ConversationMemory:
+        """The conversation memory (for "forget" buttons)."""
+        return self._memory
+
     def continuous(self, device: str) -> bool:
         """True while `device` is in a continuous conversation (no keyword needed)."""
         deadline = self._continuous.get(device)

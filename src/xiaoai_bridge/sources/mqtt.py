@@ -27,6 +27,7 @@ class MqttSource:
     ) -> None:
         self._connection = connection
         self._topic = question_topic
+        connection.subscribe(question_topic)
         self._max_bytes = max_payload_bytes
         # Ids for plain-text questions: unique across restarts thanks to the time prefix.
         self._ids = (f"q{int(time.time())}-{n}" for n in itertools.count(1))
@@ -38,9 +39,7 @@ class MqttSource:
 
     async def utterances(self) -> AsyncIterator[Utterance]:
         """Every readable (or apology-worthy) question on the question topic."""
-        async for message in self._connection.messages():
-            if message.topic != self._topic:
-                continue
+        async for message in self._connection.messages(self._topic):
             utterance = self.parse(message)
             if utterance is not None:
                 yield utterance
