@@ -156,7 +156,8 @@ async def test_speaker_without_play_status_is_also_stopped(rig: Rig) -> None:
 async def test_next_sentence_waits_until_the_status_leaves_playing(rig: Rig) -> None:
     cloud = rig.cloud
     q = question(cloud.speaker)
-    async with rig.sink() as sink:
+    # A small merge limit keeps the two sentences apart (both are queued at once here).
+    async with rig.sink(merge_max_chars=10) as sink:
         await sink.begin(q)
         await sink.chunk(q, sentence(q, 0, TEN))
         await sink.chunk(q, sentence(q, 1, "后半句话。"))
@@ -190,7 +191,7 @@ async def test_new_question_silences_at_once_and_drops_the_queued_rest(rig: Rig)
     cloud = rig.cloud
     cloud.seconds_per_char = 0.05  # TEN plays for 0.5 s
     first_q, second_q = question(cloud.speaker, "q1"), question(cloud.speaker, "q2")
-    async with rig.sink() as sink:
+    async with rig.sink(merge_max_chars=10) as sink:
         await sink.begin(first_q)
         await sink.chunk(first_q, sentence(first_q, 0, TEN))
         await sink.chunk(first_q, sentence(first_q, 1, "旧答案二。"))
@@ -231,20 +232,24 @@ async def test_keep_listening_wakes_the_speaker_after_the_last_sentence(rig: Rig
 
 async def test_no_wake_without_keep_listening_or_after_a_new_question(rig: Rig) -> None:
     cloud = rig.cloud
-    q1, q2, q3 = (question(cloud.speaker, qid) for qid in ("q1", "q2", "q3"))
+    q1, q2, q3, q4 = (question(cloud.speaker, qid) for qid in ("q1", "q2", "q3", "q4"))
     async with rig.sink() as sink:
         await sink.begin(q1)
         await sink.chunk(q1, sentence(q1, 0, "好的。", final=True))
         await sink.end(done(q1))
         await sink.wait_idle()
-        # The wake of q2 is still waiting for its sentence when q3 comes in.
+        # The wake of q2 is still waiting for its sentence to end when q3 comes in.
         await sink.begin(q2)
         await sink.chunk(q2, sentence(q2, 0, TEN, final=True))
         await sink.end(done(q2, keep_listening=True))
         await wait_for(lambda: len(cloud.tts_texts()) == 2)
         await sink.begin(q3)
-        await sink.end(Answer(q3, Outcome.IGNORED, keep_listening=True))
+        await sink.chunk(q3, sentence(q3, 0, "好。", final=True))
+        await sink.end(done(q3))
+        # q4 was left to XiaoAi (never begun): its end must not wake the speaker either.
+        await sink.end(Answer(q4, Outcome.IGNORED, keep_listening=True))
         await sink.wait_idle()
+    assert cloud.tts_texts() == ["好的。", TEN, "好。"]
     assert cloud.action_calls == []
 
 
@@ -265,7 +270,7 @@ async def test_miot_play_text_for_a_model_that_prefers_it(rig: Rig) -> None:
     cloud = rig.cloud
     play = cloud.add_speaker("小爱音箱Play", "L05B", miot_did="222333444")
     q = question(play)
-    async with rig.sink() as sink:
+    async with rig.sink(merge_max_chars=10) as sink:
         await sink.begin(q)
         await sink.chunk(q, sentence(q, 0, TEN))
         await sink.chunk(q, sentence(q, 1, "第二句。"))
