@@ -15,6 +15,10 @@ import aiomqtt
 from xiaoai_bridge.reconnect import ReconnectPolicy
 
 _LOGGER = logging.getLogger(__name__)
+# aiomqtt warns at every publish beyond ten unacknowledged ones; our window allows more on
+# purpose, so its client gets a logger that keeps errors only.
+_AIOMQTT_LOGGER = logging.getLogger(f"{__name__}.aiomqtt")
+_AIOMQTT_LOGGER.setLevel(logging.ERROR)
 
 ONLINE = "online"
 OFFLINE = "offline"
@@ -172,6 +176,7 @@ class MqttConnection:
             tls_context=ssl.create_default_context() if self._tls else None,
             max_queued_incoming_messages=MAX_QUEUED_INCOMING,
             socket_options=_SOCKET_OPTIONS,
+            logger=_AIOMQTT_LOGGER,
         )
         async with client:
             self._client = client
