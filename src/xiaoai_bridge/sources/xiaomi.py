@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
@@ -95,13 +96,14 @@ class SpeakerPoller:
     device: MinaDevice
     label: str
     policy: ReconnectPolicy
-    continuous: bool = False
+    # Clock time until which continuous conversation is on (0: off).
+    continuous_until: float = 0.0
     polls: int = 0
     heard: int = 0
     last_poll: float | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
-    def health(self) -> dict[str, Any]:
+    def health(self, now: float) -> dict[str, Any]:
         """State for /healthz: no ids, no tokens."""
         return {
             "state": self.policy.state.value,
@@ -110,7 +112,7 @@ class SpeakerPoller:
             "failures": self.policy.failures,
             "hardware": self.device.hardware,
             "online": self.device.online,
-            "continuous": self.continuous,
+            "continuous": now < self.continuous_until,
             "polls": self.polls,
             "heard": self.heard,
             "last_poll": self.last_poll,
@@ -177,7 +179,7 @@ class XiaomiSource:
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
         self._pollers: dict[str, SpeakerPoller] = {}
-        self._continuous: set[str] = set()
+        self._continuous: dict[str, float] = {}
         self.discovery = self._policy(f"{name} speakers")
 
     @property
@@ -207,18 +209,24 @@ class XiaomiSource:
         """For /healthz: the aggregate state and each speaker's, keyed by its name."""
         return {
             "state": self.state.value,
-            "speakers": {poller.label: poller.health() for poller in self._pollers.values()},
+            "speakers": {
+                poller.label: poller.health(self._clock()) for poller in self._pollers.values()
+            },
         }
 
-    def set_continuous(self, device_id: str, on: bool) -> None:
-        """Continuous conversation turned on/off for a speaker: it is polled faster while on."""
+    def set_continuous(self, device_id: str, on: bool, *, for_s: float | None = None) -> None:
+        """Continuous conversation turned on/off for a speaker: it is polled faster while on.
+
+        `for_s` ends it by itself after that many seconds (the pipeline's idle timeout), so
+        a conversation that lapses without a last answer does not keep the fast polling.
+        """
+        until = 0.0
         if on:
-            self._continuous.add(device_id)
-        else:
-            self._continuous.discard(device_id)
+            until = self._clock() + for_s if for_s is not None else math.inf
+        self._continuous[device_id] = until
         poller = self._pollers.get(device_id)
         if poller is not None:
-            poller.continuous = on
+            poller.continuous_until = until
 
     async def resolve_speakers(self) -> list[MinaDevice]:
         """Look the configured speakers up in MiNA's device list.
@@ -250,7 +258,7 @@ class XiaomiSource:
                 device=device,
                 label=label,
                 policy=self._policy(f"{self._name} {label}"),
-                continuous=device.device_id in self._continuous,
+                continuous_until=self._continuous.get(device.device_id, 0.0),
                 extra={
                     "device_id": device.device_id,
                     "hardware": device.hardware,
@@ -350,7 +358,8 @@ class XiaomiSource:
             await self._sleep(delay)
 
     def _next_delay(self, poller: SpeakerPoller) -> float:
-        interval = self._continuous_interval_s if poller.continuous else self._interval_s
+        continuous = self._clock() < poller.continuous_until
+        interval = self._continuous_interval_s if continuous else self._interval_s
         return interval * self._rng.uniform(1 - self._jitter, 1 + self._jitter)
 
     def _utterance(self, poller: SpeakerPoller, record: ConversationRecord) -> Utterance | None:
