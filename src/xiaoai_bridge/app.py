@@ -63,8 +63,12 @@ async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
             "[llm] api_key in the config file or the OPENAI_API_KEY environment variable"
         )
     triggers: dict[str, Trigger] = {}
-    if settings.homeassistant.enabled:
-        triggers[HA_SOURCE] = build_trigger(settings.homeassistant.trigger)
+    ha = settings.homeassistant
+    if ha.enabled:
+        triggers[HA_SOURCE] = build_trigger(ha.trigger)
+        for player, keywords in ha.speaker_keywords.items():
+            own = ha.trigger.model_copy(update={"keywords": keywords})
+            triggers[f"{HA_SOURCE}/{player}"] = build_trigger(own)
     pipeline_settings = PipelineSettings(
         system_prompt=settings.llm.system_prompt,
         forget_commands=settings.memory.forget_commands,

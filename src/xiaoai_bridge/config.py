@@ -339,6 +339,11 @@ class HomeAssistantSettings(_Section):
         default_factory=lambda: _keyword_trigger(DEFAULT_HA_KEYWORDS),
         description="Which utterances are questions (default: keyword mode, 机器人).",
     )
+    speaker_keywords: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="media_player -> its own trigger keywords, replacing trigger.keywords "
+        "for that speaker.",
+    )
 
     @field_validator("speak_service")
     @classmethod

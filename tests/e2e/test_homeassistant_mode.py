@@ -188,3 +188,19 @@ async def test_check_and_ha_speakers_list_the_speakers(
     assert code == 1
     assert "FAIL homeassistant: " in out
     assert "access token" in out
+
+
+async def test_keywords_can_differ_per_speaker(
+    tmp_path: Path, ha: FakeHomeAssistant, llm: FakeOpenAI
+) -> None:
+    kids, parents = ha.add_speaker("kids"), ha.add_speaker("prnt")
+    llm.answer = "好的。"
+    settings = ha_settings(tmp_path, ha, llm, speaker_keywords={kids.media_player: ("小白",)})
+    async with running(settings, ha):
+        ha.set_conversation(kids.sensor, "机器人你好")  # not this speaker's keyword
+        ha.set_conversation(kids.sensor, "小白讲个故事")
+        ha.set_conversation(parents.sensor, "机器人你好")
+        calls = await ha.wait_for_calls(2, domain="xiaomi_miot", within_s=10)
+        await asyncio.sleep(0.2)
+    assert sorted(c.entity_id for c in calls) == sorted([kids.media_player, parents.media_player])
+    assert sorted(r.last_user_message for r in llm.requests) == ["你好", "小白讲个故事"]

@@ -78,6 +78,7 @@ class PipelineSettings:
     max_chunk_chars: int = 120
     max_concurrent_llm: int = 64
     answer_timeout_s: float = 120.0
+    # By source name, or "source/device" for one speaker; else the default trigger.
     triggers: Mapping[str, Trigger] = field(default_factory=dict)
     continuous_start_commands: Iterable[str] = ()
     continuous_stop_commands: Iterable[str] = ()
@@ -124,7 +125,10 @@ class Pipeline:
         if not self.enabled:
             return await run.end(Outcome.IGNORED, reason="disabled")
         device = utterance.device
-        trigger = self._settings.triggers.get(utterance.source, self._default_trigger)
+        triggers = self._settings.triggers
+        trigger = triggers.get(f"{utterance.source}/{device}") or triggers.get(
+            utterance.source, self._default_trigger
+        )
         command = _normalize_command(trigger.apply(utterance.text, require_keyword=False) or "")
         if command in self._continuous_start or command in self._continuous_stop:
             return await self._switch_continuous(run, on=command in self._continuous_start)
