@@ -191,3 +191,31 @@ async def test_run_never_logs_secrets(
     log = err.decode()
     assert "auth" in log
     assert API_KEY not in log
+
+
+async def test_a_killed_bridge_is_announced_offline_by_its_last_will(
+    tmp_path: Path, llm: FakeOpenAI, mosquitto: Mosquitto
+) -> None:
+    config = write_config(tmp_path, mosquitto.url, llm)
+    proc = await asyncio.create_subprocess_exec(
+        *EXE,
+        "run",
+        "--config",
+        str(config),
+        env=clean_env(tmp_path),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    statuses: list[bytes] = []
+    async with asyncio.timeout(20), aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+        await client.subscribe("xiaoai-bridge/status", qos=1)
+        async for message in client.messages:
+            assert isinstance(message.payload, bytes)
+            statuses.append(message.payload)
+            if message.payload == b"online":
+                proc.kill()  # no goodbye: only the broker can tell the world
+            elif statuses[-2:] == [b"online", b"offline"]:
+                break
+    await proc.wait()
+    assert statuses[-2:] == [b"online", b"offline"]
