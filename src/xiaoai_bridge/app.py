@@ -8,12 +8,23 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
+import aiohttp
+
 from xiaoai_bridge.broker import embedded_broker
 from xiaoai_bridge.clients.homeassistant import HomeAssistantClient
 from xiaoai_bridge.clients.mqtt import MqttConnection
-from xiaoai_bridge.config import DEFAULT_EMBEDDED_HOST, Settings, TriggerSettings
+from xiaoai_bridge.clients.xiaomi import (
+    ConversationClient,
+    MinaClient,
+    MiotClient,
+    SpeakerActions,
+    XiaomiAuth,
+    new_session,
+)
+from xiaoai_bridge.config import DEFAULT_EMBEDDED_HOST, XIAOMI_TOKEN_FILE, Settings, TriggerSettings
 from xiaoai_bridge.errors import ConfigError
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
+from xiaoai_bridge.models import Answer
 from xiaoai_bridge.pipeline.dispatcher import Dispatcher
 from xiaoai_bridge.pipeline.memory import ConversationMemory
 from xiaoai_bridge.pipeline.pipeline import Pipeline, PipelineSettings
@@ -21,10 +32,13 @@ from xiaoai_bridge.pipeline.trigger import Trigger
 from xiaoai_bridge.reconnect import ReconnectPolicy
 from xiaoai_bridge.sinks.homeassistant import HomeAssistantSink, resolve_speak_service
 from xiaoai_bridge.sinks.mqtt import MqttSink
+from xiaoai_bridge.sinks.xiaomi import XiaomiSink
 from xiaoai_bridge.sources.base import Source
 from xiaoai_bridge.sources.homeassistant import SOURCE_NAME as HA_SOURCE
 from xiaoai_bridge.sources.homeassistant import HomeAssistantSource
 from xiaoai_bridge.sources.mqtt import MqttSource
+from xiaoai_bridge.sources.xiaomi import SOURCE_NAME as XIAOMI_SOURCE
+from xiaoai_bridge.sources.xiaomi import XiaomiSource
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -63,12 +77,13 @@ async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
             "[llm] api_key in the config file or the OPENAI_API_KEY environment variable"
         )
     triggers: dict[str, Trigger] = {}
-    ha = settings.homeassistant
-    if ha.enabled:
-        triggers[HA_SOURCE] = build_trigger(ha.trigger)
-        for player, keywords in ha.speaker_keywords.items():
-            own = ha.trigger.model_copy(update={"keywords": keywords})
-            triggers[f"{HA_SOURCE}/{player}"] = build_trigger(own)
+    for source, mode in ((HA_SOURCE, settings.homeassistant), (XIAOMI_SOURCE, settings.xiaomi)):
+        if not mode.enabled:
+            continue
+        triggers[source] = build_trigger(mode.trigger)
+        for device, keywords in mode.speaker_keywords.items():
+            own = mode.trigger.model_copy(update={"keywords": keywords})
+            triggers[f"{source}/{device}"] = build_trigger(own)
     pipeline_settings = PipelineSettings(
         system_prompt=settings.llm.system_prompt,
         forget_commands=settings.memory.forget_commands,
@@ -181,6 +196,73 @@ async def _add_homeassistant(service: Service, stack: contextlib.AsyncExitStack)
     _LOGGER.info("Home Assistant mode: %s", ha.url)
 
 
+def xiaomi_auth(settings: Settings, session: aiohttp.ClientSession) -> XiaomiAuth:
+    """The Xiaomi account login, with its token cache in the data dir."""
+    mi = settings.xiaomi
+    return XiaomiAuth(
+        session,
+        account=mi.account,
+        password=mi.password.get_secret_value() if mi.password else None,
+        pass_token=mi.pass_token.get_secret_value() if mi.pass_token else None,
+        user_id=mi.user_id,
+        token_path=settings.data_dir / XIAOMI_TOKEN_FILE,
+        base_url=mi.endpoints.account,
+    )
+
+
+def mina_client(settings: Settings, session: aiohttp.ClientSession, auth: XiaomiAuth) -> MinaClient:
+    """MiNA (speakers, speech, player) for `[xiaomi]`."""
+    mi = settings.xiaomi
+    return MinaClient(session, auth, base_url=mi.endpoints.mina, timeout_s=mi.timeout_s)
+
+
+async def _add_xiaomi(service: Service, stack: contextlib.AsyncExitStack) -> None:
+    settings = service.settings
+    mi = settings.xiaomi
+    session = await stack.enter_async_context(new_session())
+    auth = xiaomi_auth(settings, session)
+    mina = mina_client(settings, session, auth)
+    conversation = ConversationClient(
+        session, auth, base_url=mi.endpoints.conversation, timeout_s=mi.timeout_s
+    )
+    miot = MiotClient(session, auth, base_url=mi.endpoints.miot, timeout_s=mi.timeout_s)
+    source = XiaomiSource(
+        mina,
+        conversation,
+        speakers=mi.speakers,
+        poll_interval_s=mi.poll_interval_s,
+        freshness_s=mi.freshness_s,
+    )
+    # Fail fast: a refused login or an unknown speaker is an error at start, not a loop.
+    found = await source.resolve_speakers()
+    service.sources.append(source)
+    service.connections["xiaomi"] = source.discovery
+    models = {hardware: SpeakerActions(**row.model_dump()) for hardware, row in mi.models.items()}
+    sink = XiaomiSink(
+        mina,
+        miot,
+        models=models,
+        tts=mi.tts,
+        silence=mi.silence,
+        wake=mi.wake,
+        chars_per_second=mi.chars_per_second,
+    )
+    service.dispatcher.add_sink(await stack.enter_async_context(sink))
+    idle_s = settings.conversation.idle_timeout_s
+
+    def follow_continuous(answer: Answer) -> None:
+        # Poll faster while a continuous conversation is on; it lapses with the pipeline's.
+        if answer.utterance.source == XIAOMI_SOURCE:
+            source.set_continuous(answer.utterance.device, answer.keep_listening, for_s=idle_s)
+
+    service.dispatcher.add_listener(follow_continuous)
+    _LOGGER.info(
+        "Xiaomi cloud mode: %d speakers (%s)",
+        len(found),
+        ", ".join(device.name for device in found),
+    )
+
+
 @contextlib.asynccontextmanager
 async def open_service(settings: Settings) -> AsyncIterator[Service]:
     """Build every configured mode around one pipeline; nothing runs until `run`."""
@@ -192,6 +274,8 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             await _add_mqtt(service, stack)
         if settings.homeassistant.enabled:
             await _add_homeassistant(service, stack)
+        if settings.xiaomi.enabled:
+            await _add_xiaomi(service, stack)
         stack.push_async_callback(service.dispatcher.aclose)
         yield service
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
 import signal
 import socket
@@ -12,11 +13,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aiomqtt
+from pydantic import SecretStr
 
 from xiaoai_bridge import __version__
-from xiaoai_bridge.app import open_pipeline, run_service
+from xiaoai_bridge.app import mina_client, open_pipeline, run_service, xiaomi_auth
 from xiaoai_bridge.clients.homeassistant import ProbeResult, probe
-from xiaoai_bridge.config import DEFAULT_EMBEDDED_HOST, Settings, find_config_file, load_settings
+from xiaoai_bridge.clients.xiaomi import is_known_model, new_session, parse_pasted_login
+from xiaoai_bridge.config import (
+    DEFAULT_EMBEDDED_HOST,
+    XIAOMI_TOKEN_FILE,
+    Settings,
+    find_config_file,
+    load_settings,
+)
 from xiaoai_bridge.errors import BridgeError, ConfigError, LLMError
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
 from xiaoai_bridge.log import setup_logging
@@ -89,6 +98,28 @@ def _parser() -> argparse.ArgumentParser:
         "XiaoAi conversation sensors and speakers, as config lines to copy.",
     )
     config_arg(speakers)
+    login = commands.add_parser(
+        "login",
+        help="log in to the Xiaomi cloud and cache the token",
+        description="Log in to the Xiaomi account ([xiaomi] account, asked if unset) and store "
+        "the tokens in the data dir (owner-only file), so the service needs no password. "
+        "Past a 2FA or captcha wall, log in at account.xiaomi.com in a browser and paste "
+        "its cookies with --cookie.",
+    )
+    login.add_argument("--account", help="Xiaomi ID, phone or e-mail")
+    login.add_argument(
+        "--cookie",
+        metavar="TEXT",
+        help='browser cookies "userId=...; passToken=..." instead of a password',
+    )
+    config_arg(login)
+    devices = commands.add_parser(
+        "devices",
+        help="list the Xiaomi account's speakers",
+        description="List the speakers of the Xiaomi account: name, hardware model, MiNA "
+        "deviceID, MIoT did, and whether the model is in the action table.",
+    )
+    config_arg(devices)
     return parser
 
 
@@ -111,12 +142,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging("DEBUG" if args.debug else "ERROR", _secrets(settings))
         if args.command == "ha-speakers":
             return asyncio.run(_ha_speakers(settings))
+        if args.command == "login":
+            return asyncio.run(_login(*_login_settings(settings, args.account, args.cookie)))
+        if args.command == "devices":
+            return asyncio.run(_devices(settings))
         return asyncio.run(_check(settings))
     except BridgeError as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_RUNTIME
+        # Xiaomi login failures each have their own documented code.
+        code = getattr(err, "exit_code", EXIT_RUNTIME)
+        return code if isinstance(code, int) else EXIT_RUNTIME
     except KeyboardInterrupt:
         return EXIT_OK
 
@@ -217,6 +254,51 @@ async def _ha_speakers(settings: Settings) -> int:
     print("[homeassistant.speakers]")
     for speaker in found.speakers:
         print(f'"{speaker.entity_id}" = "{speaker.media_player}"  # {speaker.friendly_name}')
+    return EXIT_OK
+
+
+def _login_settings(
+    settings: Settings, account: str | None, cookie: str | None
+) -> tuple[Settings, tuple[str, str] | None]:
+    """The settings to log in with, asking for what is missing; and pasted cookies, if any."""
+    mi = settings.xiaomi
+    pasted = parse_pasted_login(cookie) if cookie else None
+    if pasted is None:
+        account = account or mi.account or input("Xiaomi account (ID, phone or e-mail): ")
+        password = mi.password or SecretStr(getpass.getpass("Password (not stored): "))
+        mi = mi.model_copy(update={"account": account.strip(), "password": password})
+    return settings.model_copy(update={"xiaomi": mi}), pasted
+
+
+async def _login(settings: Settings, pasted: tuple[str, str] | None) -> int:
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    async with new_session() as session:
+        auth = xiaomi_auth(settings, session)
+        if pasted is not None:
+            await auth.login_with_pass_token(*pasted)
+        else:
+            await auth.login()
+    print(
+        f"logged in; tokens cached in {settings.data_dir / XIAOMI_TOKEN_FILE} (owner-only). "
+        "Put the same account in [xiaomi] account."
+    )
+    return EXIT_OK
+
+
+async def _devices(settings: Settings) -> int:
+    async with new_session() as session:
+        mina = mina_client(settings, session, xiaomi_auth(settings, session))
+        found = await mina.device_list()
+    if not found:
+        print("no speaker on this account (shared speakers are not listed)", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{'name':<20} {'model':<8} {'MiNA deviceID':<38} {'MIoT did':<12} action table")
+    for device in found:
+        known = "yes" if is_known_model(device.hardware) else "no (generic layout)"
+        print(
+            f"{device.name or device.alias:<20} {device.hardware:<8} {device.device_id:<38} "
+            f"{device.miot_did or '-':<12} {known}"
+        )
     return EXIT_OK
 
 

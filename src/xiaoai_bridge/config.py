@@ -369,6 +369,106 @@ class HomeAssistantSettings(_Section):
         return self.url is not None
 
 
+DEFAULT_XIAOMI_KEYWORDS = ("请问", "帮我", "机器人")
+XIAOMI_TOKEN_FILE = "xiaomi-token.json"  # noqa: S105  # a file name, not a secret
+
+
+class XiaomiEndpoints(_Section):
+    """`[xiaomi.endpoints]`: base URLs, for self-hosted proxies (and tests)."""
+
+    account: str = Field(default="https://account.xiaomi.com", description="Account login.")
+    mina: str = Field(default="https://api2.mina.mi.com", description="MiNA speaker API.")
+    conversation: str = Field(
+        default="https://userprofile.mina.mi.com", description="The conversation log."
+    )
+    miot: str = Field(default="https://api.io.mi.com/app", description="MIoT API.")
+
+    @field_validator("account", "mina", "conversation", "miot")
+    @classmethod
+    def _check_endpoint(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s):// URL")
+        return value.rstrip("/")
+
+
+class XiaomiModelActions(_Section):
+    """One row of `[xiaomi.models]`: where a speaker model keeps its MIoT actions."""
+
+    play_text: tuple[int, int] | None = Field(default=None, description="(siid, aiid).")
+    wake_up: tuple[int, int] | None = Field(default=None, description="(siid, aiid).")
+    execute_text_directive: tuple[int, int] | None = Field(
+        default=None, description="(siid, aiid)."
+    )
+    prefer_miot_tts: bool = Field(
+        default=False, description="Speak with play-text instead of MiNA text_to_speech."
+    )
+    reports_play_status: bool = Field(
+        default=True, description="MiNA play status says when speech ends."
+    )
+
+
+class XiaomiSettings(_Section):
+    """`[xiaomi]`: hear and speak through the Xiaomi cloud itself, no Home Assistant."""
+
+    account: str = Field(
+        default="",
+        description="Xiaomi account: the numeric Xiaomi ID works best, phone or e-mail too. "
+        "Unset (and no pass_token): this mode is off.",
+    )
+    password: SecretStr | None = Field(
+        default=None,
+        description="Account password; only needed until a login is cached "
+        "(`xiaoai-bridge login`).",
+    )
+    pass_token: SecretStr | None = Field(
+        default=None,
+        description="passToken cookie pasted from a logged-in browser: the way past 2FA and "
+        "captchas (with user_id).",
+    )
+    user_id: str | None = Field(default=None, description="userId cookie, with pass_token.")
+    speakers: tuple[str, ...] = Field(
+        default=(), description="Names, aliases or MiNA deviceIDs; empty: every speaker."
+    )
+    poll_interval_s: float = Field(
+        default=1.0, ge=0.2, description="How often each speaker's conversation log is read."
+    )
+    freshness_s: float = Field(
+        default=60.0, gt=0, description="Utterances older than this are never answered."
+    )
+    timeout_s: float = Field(default=10.0, gt=0, description="Per-request cloud timeout.")
+    tts: Literal["auto", "mina", "miot"] = Field(
+        default="auto", description="How to speak: per the model table, or forced."
+    )
+    silence: Literal["pause_stop", "pause", "stop", "none"] = Field(
+        default="pause_stop", description="How to cut XiaoAi's own answer short."
+    )
+    wake: Literal["auto", "wake_up", "directive", "none"] = Field(
+        default="auto",
+        description="How to make the speaker listen again in a continuous conversation.",
+    )
+    chars_per_second: float = Field(
+        default=DEFAULT_SPEECH_CHARS_PER_S, gt=0, description="Speech rate used for pacing."
+    )
+    models: dict[str, XiaomiModelActions] = Field(
+        default_factory=dict, description="Hardware (e.g. LX06) -> its MIoT actions."
+    )
+    trigger: TriggerSettings = Field(
+        default_factory=lambda: _keyword_trigger(DEFAULT_XIAOMI_KEYWORDS),
+        description="Which utterances are questions (default: keyword mode).",
+    )
+    speaker_keywords: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="MiNA deviceID -> its own trigger keywords, replacing trigger.keywords.",
+    )
+    endpoints: XiaomiEndpoints = Field(default_factory=XiaomiEndpoints)
+
+    @property
+    def enabled(self) -> bool:
+        """True when Xiaomi cloud mode is configured."""
+        return bool(self.account or self.pass_token)
+
+
 DEFAULT_HTTP_PORT = 8099
 _LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
@@ -455,6 +555,7 @@ class Settings(BaseSettings):
     speech: SpeechSettings = Field(default_factory=SpeechSettings)
     conversation: ConversationSettings = Field(default_factory=ConversationSettings)
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
+    xiaomi: XiaomiSettings = Field(default_factory=XiaomiSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
 
     @model_validator(mode="after")
@@ -464,6 +565,11 @@ class Settings(BaseSettings):
                 "homeassistant.token: Home Assistant mode needs a long-lived access token "
                 f"(set it in the file or with ${ENV_PREFIX}HOMEASSISTANT__TOKEN)"
             )
+        if self.xiaomi.pass_token is not None and not self.xiaomi.user_id:
+            raise ValueError(
+                "xiaomi.user_id: needed with xiaomi.pass_token (both are cookies of a "
+                "logged-in browser)"
+            )
         return self
 
     @property
@@ -471,7 +577,7 @@ class Settings(BaseSettings):
         """MQTT mode runs when configured, or as the default when no other mode is."""
         if self.mqtt.enabled is not None:
             return self.mqtt.enabled
-        return self.mqtt.url is not None or not self.homeassistant.enabled
+        return self.mqtt.url is not None or not (self.homeassistant.enabled or self.xiaomi.enabled)
 
     @classmethod
     def settings_customise_sources(
