@@ -22,6 +22,7 @@ from pathlib import Path
 
 import aiomqtt
 from tests.fakes.mosquitto import Mosquitto, free_port
+from tests.fakes.xiaomi_cloud import FakeXiaomiCloud
 
 QUESTION_TOPIC = "/xiaomi/chatgpt"
 REPLY_TOPIC = "/xiaomi/reply"
@@ -269,6 +270,62 @@ async def bench_throughput(broker: Mosquitto, work: Path, count: int) -> list[Ro
     ]
 
 
+async def bench_xiaomi(work: Path, questions: int, poll_interval_s: float) -> list[Row]:
+    """Xiaomi mode: a record appearing in the cloud log -> XiaoAi paused -> first TTS call."""
+    async with FakeXiaomiCloud() as cloud, fake_llm(0, 0, 8) as url:
+        endpoints = "\n".join(f'{key} = "{value}"' for key, value in cloud.endpoints.items())
+        config = work / "xiaomi.toml"
+        config.write_text(
+            f'data_dir = "{work / "xiaomi-data"}"\nlog_level = "WARNING"\n'
+            f'[llm]\nbase_url = "{url}"\napi_key = "{API_KEY}"\nmodel = "fake-model"\n'
+            f'[xiaomi]\naccount = "{cloud.account}"\npassword = "{cloud.password}"\n'
+            f"poll_interval_s = {poll_interval_s}\nchars_per_second = 1000\n"
+            f"[xiaomi.endpoints]\n{endpoints}\n[http]\nenabled = false\n",
+            encoding="utf-8",
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "XIAOAI_"))}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "xiaoai_bridge.cli", "run", "--config", str(config), env=env
+        )
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                while len(cloud.calls_to("conversation")) < 2:
+                    await asyncio.sleep(0.05)
+            pauses, speeches = [], []
+            for n in range(questions):
+                seen = len(cloud.ubus_calls)
+                said = cloud.clock()
+                cloud.say(f"请问第{n}个问题")
+                async with asyncio.timeout(10 + poll_interval_s * 3):
+                    while not any(c.method == "text_to_speech" for c in cloud.ubus_calls[seen:]):
+                        await asyncio.sleep(0.01)
+                calls = cloud.ubus_calls[seen:]
+                pause = next(c.time for c in calls if c.method == "player_play_operation")
+                speech = next(c.time for c in calls if c.method == "text_to_speech")
+                pauses.append((pause - said) * 1000)
+                speeches.append((speech - said) * 1000)
+                await asyncio.sleep(0.3)
+        finally:
+            proc.terminate()
+            await proc.wait()
+    target_ms = poll_interval_s * 1000 + 150
+    return [
+        Row(
+            f"Xiaomi mode, {questions} questions, poll every {poll_interval_s:g} s: record -> "
+            "XiaoAi paused",
+            f"p50 {pct(pauses, 50):.0f} ms, p95 {pct(pauses, 95):.0f} ms",
+            f"p95 < {target_ms:.0f} ms",
+            pct(pauses, 95) < target_ms,
+        ),
+        Row(
+            "Xiaomi mode: record -> first TTS call (instant fake LLM)",
+            f"p50 {pct(speeches, 50):.0f} ms, p95 {pct(speeches, 95):.0f} ms",
+            "shortly after the pause",
+            pct(speeches, 95) < target_ms + 500,
+        ),
+    ]
+
+
 def machine() -> str:
     """One line describing where the figures come from."""
     cpu = "unknown CPU"
@@ -291,6 +348,7 @@ async def main(args: argparse.Namespace) -> int:
             rows = await bench_overhead(broker, work, args.questions)
             rows += await bench_concurrency(broker, work, args.devices)
             rows += await bench_throughput(broker, work, args.throughput)
+        rows += await bench_xiaomi(work, args.xiaomi, args.poll_interval)
     if args.markdown:
         print(f"Machine: {machine()}\n")
         print("| measure | result | target | met |\n|---|---|---|---|")
@@ -315,6 +373,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1000,
         help="questions for the throughput and memory measure",
+    )
+    parser.add_argument(
+        "--xiaomi", type=int, default=20, help="questions for the Xiaomi-mode pickup measure"
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=1.0,
+        help="Xiaomi conversation-log poll interval (the default's)",
     )
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     return parser.parse_args(argv)
