@@ -210,6 +210,9 @@ async def _check(settings: Settings) -> int:
     if settings.homeassistant.enabled:
         ok, detail = await _check_homeassistant(settings)
         report(ok, "homeassistant", detail)
+    if settings.xiaomi.enabled:
+        ok, detail = await _check_xiaomi(settings)
+        report(ok, "xiaomi", detail)
     backend = OpenAICompatBackend(settings.llm)
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
@@ -283,6 +286,19 @@ async def _login(settings: Settings, pasted: tuple[str, str] | None) -> int:
         "Put the same account in [xiaomi] account."
     )
     return EXIT_OK
+
+
+async def _check_xiaomi(settings: Settings) -> tuple[bool, str]:
+    try:
+        async with new_session() as session:
+            mina = mina_client(settings, session, xiaomi_auth(settings, session))
+            found = await mina.device_list()
+    except BridgeError as err:
+        return False, str(err)
+    if not found:
+        return False, "logged in, but the account has no speaker (shared ones are not listed)"
+    names = ", ".join(f"{d.name or d.alias} ({d.hardware})" for d in found)
+    return True, f"logged in; speakers: {names}"
 
 
 async def _devices(settings: Settings) -> int:

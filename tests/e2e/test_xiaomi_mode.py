@@ -178,6 +178,10 @@ async def test_login_and_devices_commands(tmp_path: Path, cloud: FakeXiaomiCloud
     assert speaker.miot_did in row
     assert row.endswith("yes")
     assert cloud.password_logins == 1  # `devices` used the cached login
+    code, out, _ = await run_cli(tmp_path, config, "check")
+    xiaomi_line = next(line for line in out.splitlines() if "xiaomi:" in line)
+    assert xiaomi_line.startswith("ok   xiaomi: logged in; speakers: ")
+    assert speaker.hardware in xiaomi_line
 
 
 @pytest.mark.parametrize(
