@@ -22,9 +22,9 @@ from xiaoai_bridge.sinks.homeassistant import (
     INTELLIGENT_SPEAKER,
     NOTIFY_SEND_MESSAGE,
     HomeAssistantSink,
-    estimate_speech_s,
     resolve_speak_service,
 )
+from xiaoai_bridge.spoken import estimate_speech_s
 
 _LOGGER = logging.getLogger(__name__)
 # Fast speech keeps the suite quick: 10 characters take 0.1 s.

@@ -20,7 +20,8 @@ from xiaoai_bridge.clients.xiaomi.mina import MinaClient
 from xiaoai_bridge.clients.xiaomi.miot import MiotClient, SpeakerActions
 from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
 from xiaoai_bridge.sinks.base import Sink
-from xiaoai_bridge.sinks.xiaomi import XiaomiSink, estimate_speech_s
+from xiaoai_bridge.sinks.xiaomi import XiaomiSink
+from xiaoai_bridge.spoken import estimate_speech_s
 
 # Fast speech keeps the suite quick: the sink estimates 10 characters at 0.1 s, while the
 # fake speaker reports "playing" for 0.3 s, so only the play status can pace correctly.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import unicodedata
@@ -17,6 +18,7 @@ from xiaoai_bridge.pipeline.memory import ConversationMemory
 from xiaoai_bridge.pipeline.speech import SpeechCleaner
 from xiaoai_bridge.pipeline.trigger import Trigger
 from xiaoai_bridge.sinks.base import Sink
+from xiaoai_bridge.spoken import join_spoken
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -47,16 +49,7 @@ def apology_for(reason: str) -> str:
 
 def join_sentences(parts: Iterable[str]) -> str:
     """Join spoken chunks back into one text: no space after CJK, one after Western text."""
-    text = ""
-    for part in parts:
-        if text and not _is_wide(text[-1]) and not _is_wide(part[0]):
-            text += " "
-        text += part
-    return text
-
-
-def _is_wide(char: str) -> bool:
-    return unicodedata.east_asian_width(char) in "WF"
+    return functools.reduce(join_spoken, parts, "")
 
 
 def _command_set(phrases: Iterable[str]) -> frozenset[str]:

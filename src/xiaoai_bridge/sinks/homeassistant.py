@@ -21,6 +21,7 @@ from xiaoai_bridge.clients.homeassistant import (
     HomeAssistantError,
 )
 from xiaoai_bridge.models import Answer, SpeechChunk, Utterance
+from xiaoai_bridge.spoken import estimate_speech_s, join_spoken
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -112,12 +113,6 @@ def resolve_speak_service(
     )
 
 
-def estimate_speech_s(text: str, chars_per_second: float, overhead_s: float = 0.0) -> float:
-    """How long a speaker takes to say `text` (whitespace does not count)."""
-    spoken = sum(1 for char in text if not char.isspace())
-    return spoken / chars_per_second + overhead_s if spoken else 0.0
-
-
 class _Kind(enum.Enum):
     SAY = "say"
     STOP = "stop"
@@ -145,12 +140,6 @@ class _Speaker:
     estimate_s: float = 0.0
     player_state: str | None = None
     saw_playing: bool = False
-
-
-def _join(first: str, second: str) -> str:
-    if first and second and first[-1].isascii() and second[0].isascii():
-        return f"{first} {second}"
-    return first + second
 
 
 class HomeAssistantSink:
@@ -331,7 +320,7 @@ class HomeAssistantSink:
                 and speaker.queue[0].mergeable
                 and len(text) + len(speaker.queue[0].text) <= self._merge_max_chars
             ):
-                text = _join(text, speaker.queue.popleft().text)
+                text = join_spoken(text, speaker.queue.popleft().text)
             await self._say(speaker, text)
 
     async def _wait_until_free(self, speaker: _Speaker) -> None:

@@ -16,6 +16,7 @@ from xiaoai_bridge.clients.xiaomi.errors import XiaomiError
 from xiaoai_bridge.clients.xiaomi.mina import MinaClient
 from xiaoai_bridge.clients.xiaomi.miot import MiotClient, SpeakerActions, speaker_actions
 from xiaoai_bridge.models import Answer, QuestionId, SpeechChunk, Utterance
+from xiaoai_bridge.spoken import estimate_speech_s, join_spoken
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -45,11 +46,6 @@ SilenceMode = Literal["pause_stop", "pause", "stop", "none"]
 WakeMode = Literal["auto", "wake_up", "directive", "none"]
 
 Sleep = Callable[[float], Awaitable[None]]
-
-
-def estimate_speech_s(text: str, chars_per_second: float) -> float:
-    """How long XiaoAi takes to say `text` (whitespace does not count)."""
-    return sum(1 for char in text if not char.isspace()) / chars_per_second
 
 
 def _label(name: str, device_id: str) -> str:
@@ -97,12 +93,6 @@ class _Speaker:
     playing: _Playing | None = None
     # The utterance whose answer this speaker is giving (set by begin, cleared by end).
     answering: QuestionId | None = None
-
-
-def _join(first: str, second: str) -> str:
-    if first and second and first[-1].isascii() and second[0].isascii():
-        return f"{first} {second}"
-    return first + second
 
 
 class XiaomiSink:
@@ -335,7 +325,7 @@ class XiaomiSink:
                     and speaker.queue[0].kind is _Kind.SAY
                     and len(text) + len(speaker.queue[0].text) <= self._merge_max_chars
                 ):
-                    text = _join(text, speaker.queue.popleft().text)
+                    text = join_spoken(text, speaker.queue.popleft().text)
                 await self._say(speaker, text)
 
     async def _silence(self, target: SpeakerTarget) -> None:
