@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from xiaoai_bridge.broker import embedded_broker
+from xiaoai_bridge.broker import BrokerStartError, embedded_broker
 from xiaoai_bridge.clients.homeassistant import HomeAssistantClient
 from xiaoai_bridge.clients.mqtt import MqttConnection
 from xiaoai_bridge.clients.xiaomi import (
@@ -141,12 +141,33 @@ async def _pump(source: Source, dispatcher: Dispatcher) -> None:
         dispatcher.submit(utterance)
 
 
+async def _broker_listening(host: str, port: int) -> bool:
+    try:
+        async with asyncio.timeout(2):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
+
+
 async def _add_mqtt(service: Service, stack: contextlib.AsyncExitStack) -> None:
     settings = service.settings
     if settings.mqtt.embedded:
-        await stack.enter_async_context(
-            embedded_broker(DEFAULT_EMBEDDED_HOST, settings.mqtt.embedded_port)
-        )
+        port = settings.mqtt.embedded_port
+        try:
+            await stack.enter_async_context(embedded_broker(DEFAULT_EMBEDDED_HOST, port))
+        except BrokerStartError:
+            if not await _broker_listening(DEFAULT_EMBEDDED_HOST, port):
+                raise
+            # A newcomer's own mosquitto already serves the default address: use it.
+            _LOGGER.warning(
+                "a broker already listens on %s:%d; using it instead of the embedded one "
+                "(set [mqtt] url to make this explicit)",
+                DEFAULT_EMBEDDED_HOST,
+                port,
+            )
     connection = mqtt_connection(settings)
     service.mqtt = connection
     service.connections["mqtt"] = connection.policy

@@ -219,3 +219,29 @@ async def test_a_killed_bridge_is_announced_offline_by_its_last_will(
                 break
     await proc.wait()
     assert statuses[-2:] == [b"online", b"offline"]
+
+
+async def test_run_with_no_config_uses_a_broker_already_on_the_default_port(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    env = clean_env(tmp_path, XIAOAI_BRIDGE_MQTT__EMBEDDED_PORT=str(mosquitto.port))
+    proc = await asyncio.create_subprocess_exec(
+        *EXE,
+        "run",
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(20), aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+            await client.subscribe("xiaoai-bridge/status", qos=1)
+            async for message in client.messages:
+                if message.payload == b"online":
+                    break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            _, err = await proc.communicate()
+    assert proc.returncode == 0
+    assert "already listens" in err.decode()
