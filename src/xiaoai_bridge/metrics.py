@@ -1,0 +1,141 @@
+"""Prometheus metrics of the bridge, on a registry of its own, fed by watching answers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
+from xiaoai_bridge.reconnect import ConnectionState, ReconnectPolicy
+
+PREFIX = "xiaoai_bridge"
+# LLM answers take from a fraction of a second to the two-minute answer deadline.
+LLM_BUCKETS = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0, 120.0)
+# From the speaker hearing a question: adds the source's own delay (e.g. cloud polling).
+SPOKEN_BUCKETS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0, 120.0)
+
+
+class BridgeMetrics:
+    """Observes every answer (a dispatcher observer) and renders the Prometheus text format."""
+
+    def __init__(
+        self,
+        connections: Mapping[str, ReconnectPolicy],
+        in_flight: Callable[[], int],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        # A private registry: two services in one process (tests) never clash, and nothing
+        # another library puts in the global registry leaks into our page.
+        self.registry = CollectorRegistry()
+        self._clock = clock
+        self.questions = Counter(
+            f"{PREFIX}_questions",
+            "Utterances handled, by source and outcome (answered, command, ignored, failed) "
+            "and reason (e.g. timeout, rate_limited, not_triggered; empty when answered).",
+            ["source", "outcome", "reason"],
+            registry=self.registry,
+        )
+        self.first_chunk = Histogram(
+            f"{PREFIX}_llm_first_chunk_seconds",
+            "LLM time to first token, approximated: seconds from the pipeline accepting a "
+            "question to its first spoken sentence (answered questions).",
+            buckets=LLM_BUCKETS,
+            registry=self.registry,
+        )
+        self.total = Histogram(
+            f"{PREFIX}_llm_total_seconds",
+            "Seconds from the pipeline accepting a question to the end of its answer "
+            "(answered questions).",
+            buckets=LLM_BUCKETS,
+            registry=self.registry,
+        )
+        self.said_to_spoken = Histogram(
+            f"{PREFIX}_said_to_first_chunk_seconds",
+            "Seconds from the speaker hearing a question to its first spoken sentence, for "
+            "sources that know when it was said (answered questions).",
+            ["source"],
+            buckets=SPOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_LiveCollector(connections, in_flight))
+        # Device -> (utterance being answered, wall time of its first spoken sentence).
+        # Calls for one device never overlap, so one entry per device is enough.
+        self._first_spoken: dict[str, tuple[Utterance, float]] = {}
+
+    @property
+    def name(self) -> str:
+        """Observer name, for the dispatcher's log lines."""
+        return "metrics"
+
+    async def begin(self, utterance: Utterance) -> None:
+        """Nothing to count until something is said."""
+
+    async def chunk(self, utterance: Utterance, chunk: SpeechChunk) -> None:
+        """Note when the first sentence of an answer leaves the pipeline."""
+        if not chunk.text:
+            return
+        seen = self._first_spoken.get(utterance.device)
+        if seen is None or seen[0] is not utterance:
+            self._first_spoken[utterance.device] = (utterance, self._clock())
+
+    async def end(self, answer: Answer) -> None:
+        """Count the outcome and record the timings of an answered question."""
+        self.observe(answer)
+
+    def observe(self, answer: Answer) -> None:
+        """Record one finished answer (also usable as a dispatcher listener)."""
+        utterance = answer.utterance
+        self.questions.labels(utterance.source, answer.outcome.value, answer.reason).inc()
+        seen = self._first_spoken.pop(utterance.device, None)
+        if answer.outcome is not Outcome.ANSWERED:
+            return  # apologies and command replies would flatter the LLM figures
+        if answer.first_chunk_s is not None:
+            self.first_chunk.observe(answer.first_chunk_s)
+        if answer.total_s is not None:
+            self.total.observe(answer.total_s)
+        if seen is not None and seen[0] is utterance and utterance.said_at is not None:
+            # The speaker's clock is not ours: a negative figure is skew, not a measurement.
+            delay = seen[1] - utterance.said_at
+            if delay >= 0:
+                self.said_to_spoken.labels(utterance.source).observe(delay)
+
+    def render(self) -> bytes:
+        """The metrics in the Prometheus text exposition format."""
+        return generate_latest(self.registry)
+
+
+class _LiveCollector(Collector):
+    """Figures read from the running service at scrape time, so they are never stale."""
+
+    def __init__(
+        self, connections: Mapping[str, ReconnectPolicy], in_flight: Callable[[], int]
+    ) -> None:
+        self._connections = connections
+        self._in_flight = in_flight
+
+    def collect(self) -> Iterator[Metric]:
+        reconnects = CounterMetricFamily(
+            f"{PREFIX}_reconnects",
+            "Connections restored after being lost, by adapter.",
+            labels=["adapter"],
+        )
+        connected = GaugeMetricFamily(
+            f"{PREFIX}_adapter_connected",
+            "1 while the adapter's connection is up, else 0.",
+            labels=["adapter"],
+        )
+        for adapter, policy in sorted(self._connections.items()):
+            reconnects.add_metric([adapter], policy.reconnects)
+            connected.add_metric([adapter], 1 if policy.state is ConnectionState.CONNECTED else 0)
+        yield reconnects
+        yield connected
+        yield GaugeMetricFamily(
+            f"{PREFIX}_answers_in_flight",
+            "Questions accepted and not yet fully answered.",
+            value=self._in_flight(),
+        )

@@ -1,0 +1,257 @@
+"""The status page's memory: recent conversations per device and a live event feed."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+from xiaoai_bridge.models import Answer, SpeechChunk, Utterance
+
+_LOGGER = logging.getLogger(__name__)
+
+DEFAULT_PER_DEVICE = 20
+DEFAULT_MAX_DEVICES = 50
+# A runaway answer must not grow a log entry without end; the final text is kept anyway.
+DEFAULT_MAX_CHUNKS = 200
+# Events a page may lag behind before it is cut off (it reconnects and reloads the state).
+DEFAULT_QUEUE_SIZE = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One thing that happened, for the live page: `kind` names it, `data` is JSON-ready."""
+
+    kind: str
+    data: dict[str, Any]
+
+
+@dataclass
+class Conversation:
+    """One utterance and what became of it, as the status page shows it."""
+
+    key: int  # unique in this process; question ids may repeat
+    id: str
+    device: str
+    source: str
+    question: str
+    started_at: float
+    said_at: float | None = None
+    chunks: list[str] = field(default_factory=list)
+    answer: str = ""
+    outcome: str = ""  # empty while the answer is under way
+    reason: str = ""
+    first_chunk_s: float | None = None
+    total_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready copy."""
+        return {
+            "key": self.key,
+            "id": self.id,
+            "device": self.device,
+            "source": self.source,
+            "question": self.question,
+            "started_at": self.started_at,
+            "said_at": self.said_at,
+            "chunks": list(self.chunks),
+            "answer": self.answer,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "first_chunk_s": self.first_chunk_s,
+            "total_s": self.total_s,
+        }
+
+
+class Subscription:
+    """A page's view of the event feed: a bounded queue that ends when closed or too slow."""
+
+    def __init__(self, log: ConversationLog, size: int) -> None:
+        self._log = log
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=size)
+        self.closed = False
+        self.dropped = False
+
+    async def get(self) -> Event | None:
+        """The next event, or None once the subscription has ended."""
+        if self.closed and self._queue.empty():
+            return None
+        return await self._queue.get()
+
+    def close(self) -> None:
+        """Stop receiving events; a pending `get` returns None."""
+        if self.closed:
+            return
+        self.closed = True
+        self._log._unsubscribe(self)
+        # Whatever is still queued is stale now: the page reloads the state when it returns.
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
+
+    def _offer(self, event: Event) -> None:
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped = True
+            _LOGGER.warning("a status page fell %d events behind; disconnected it", self._size)
+            self.close()
+
+    @property
+    def _size(self) -> int:
+        return self._queue.maxsize
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class ConversationLog:
+    """Dispatcher observer keeping the recent conversations of each device, bounded.
+
+    Every change is also published to the subscribers without waiting: a subscriber that
+    cannot keep up is disconnected, so a stuck browser never slows an answer down.
+    """
+
+    def __init__(
+        self,
+        *,
+        per_device: int = DEFAULT_PER_DEVICE,
+        max_devices: int = DEFAULT_MAX_DEVICES,
+        max_chunks: int = DEFAULT_MAX_CHUNKS,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._per_device = per_device
+        self._max_devices = max_devices
+        self._max_chunks = max_chunks
+        self._queue_size = queue_size
+        self._clock = clock
+        self._keys = itertools.count(1)
+        # Device -> its conversations, oldest first; devices in least recently active order.
+        self._devices: OrderedDict[str, deque[Conversation]] = OrderedDict()
+        # Device -> the utterance being answered and its entry (calls per device never overlap).
+        self._open: dict[str, tuple[Utterance, Conversation]] = {}
+        self._subscribers: list[Subscription] = []
+
+    @property
+    def name(self) -> str:
+        """Observer name, for the dispatcher's log lines."""
+        return "status"
+
+    async def begin(self, utterance: Utterance) -> None:
+        """An answer starts."""
+        self._entry(utterance)
+
+    async def chunk(self, utterance: Utterance, chunk: SpeechChunk) -> None:
+        """A sentence of the answer is out: keep it and tell the pages."""
+        entry = self._entry(utterance)
+        if chunk.text and len(entry.chunks) < self._max_chunks:
+            entry.chunks.append(chunk.text)
+        self.publish(
+            "chunk",
+            {
+                "key": entry.key,
+                "device": entry.device,
+                "seq": chunk.seq,
+                "text": chunk.text,
+                "final": chunk.final,
+            },
+        )
+
+    async def end(self, answer: Answer) -> None:
+        """The answer is complete (or the utterance was ignored or failed)."""
+        entry = self._entry(answer.utterance)
+        del self._open[entry.device]
+        entry.answer = answer.text
+        entry.outcome = answer.outcome.value
+        entry.reason = answer.reason
+        entry.first_chunk_s = answer.first_chunk_s
+        entry.total_s = answer.total_s
+        self.publish("end", entry.as_dict())
+
+    def devices(self) -> list[str]:
+        """Devices with recent conversations, most recently active first."""
+        return list(reversed(self._devices))
+
+    def recent(self, device: str) -> list[Conversation]:
+        """A device's recent conversations, oldest first."""
+        return list(self._devices.get(device, ()))
+
+    def snapshot(self) -> dict[str, list[dict[str, Any]]]:
+        """Every device's recent conversations, JSON-ready, most recently active first."""
+        return {
+            device: [entry.as_dict() for entry in self._devices[device]]
+            for device in self.devices()
+        }
+
+    def subscribe(self) -> Subscription:
+        """Start receiving events; close the subscription (or use `with`) when done."""
+        subscription = Subscription(self, self._queue_size)
+        self._subscribers.append(subscription)
+        return subscription
+
+    @property
+    def subscribers(self) -> int:
+        """Pages currently following the feed."""
+        return len(self._subscribers)
+
+    def publish(self, kind: str, data: dict[str, Any]) -> None:
+        """Hand an event to every subscriber without waiting."""
+        event = Event(kind, data)
+        for subscription in list(self._subscribers):
+            subscription._offer(event)
+
+    def close(self) -> None:
+        """End every subscription (shutdown)."""
+        for subscription in list(self._subscribers):
+            subscription.close()
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        if subscription in self._subscribers:
+            self._subscribers.remove(subscription)
+
+    def _entry(self, utterance: Utterance) -> Conversation:
+        device = utterance.device
+        current = self._open.get(device)
+        if current is not None and current[0] is utterance:
+            return current[1]
+        if current is not None:
+            # The previous answer never ended: the dispatcher logged why (a bug).
+            stale = current[1]
+            stale.outcome, stale.reason = "failed", "unfinished"
+            self.publish("end", stale.as_dict())
+        # Ignored and rejected utterances end without a begin; their entry starts here.
+        entry = Conversation(
+            key=next(self._keys),
+            id=str(utterance.id),
+            device=device,
+            source=utterance.source,
+            question=utterance.text,
+            started_at=self._clock(),
+            said_at=utterance.said_at,
+        )
+        self._open[device] = (utterance, entry)
+        history = self._devices.get(device)
+        if history is None:
+            history = self._devices[device] = deque(maxlen=self._per_device)
+            while len(self._devices) > self._max_devices:
+                self._devices.popitem(last=False)
+        else:
+            self._devices.move_to_end(device)
+        history.append(entry)
+        self.publish("begin", entry.as_dict())
+        return entry
