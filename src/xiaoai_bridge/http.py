@@ -1,0 +1,506 @@
+"""The HTTP face of the service: status page, live events, /healthz, /metrics, a small API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, SecretBytes, SecretStr
+
+from xiaoai_bridge import __version__
+from xiaoai_bridge.config import HttpSettings
+from xiaoai_bridge.errors import ConfigError
+from xiaoai_bridge.metrics import BridgeMetrics
+from xiaoai_bridge.models import Answer, SpeechChunk, Utterance
+from xiaoai_bridge.reconnect import ConnectionState, ReconnectPolicy
+from xiaoai_bridge.status import ConversationLog, Event
+
+if TYPE_CHECKING:
+    from xiaoai_bridge.app import Service
+
+_LOGGER = logging.getLogger(__name__)
+
+SOURCE_NAME = "http"
+# Every request body is a small JSON object; anything bigger is a mistake or an attack.
+MAX_BODY_BYTES = 64 * 1024
+MAX_ASK_CHARS = 2000
+DEVICE_RE = re.compile(r"[\w.:@-]{1,64}")
+# How often a live page's connection checks the adapters and whether the page is still there.
+ADAPTER_POLL_S = 1.0
+# Proxies close idle streams; a comment line now and then keeps the event stream open.
+KEEPALIVE_S = 15.0
+# Open event streams are ended on shutdown; other requests get this long to finish.
+SHUTDOWN_TIMEOUT_S = 2.0
+MASK = "***"
+WEB_DIR = Path(__file__).parent / "web"
+_ASSETS = {
+    "index.html": "text/html",
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+    "favicon.svg": "image/svg+xml",
+}
+_OPEN_PATHS = frozenset({"/healthz"})
+_STATIC_PREFIX = "/static/"
+_SECRET_NAME_RE = re.compile(r"token|passw|secret|api_?key|credential|auth", re.IGNORECASE)
+_PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+class _Rejected(Exception):
+    """A request we refuse, with the status and the message its client gets."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def mask_url(text: str) -> str:
+    """`text` with a URL's password and secret-looking query values replaced by ***."""
+    if "://" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+        has_password = parts.password is not None
+    except ValueError:
+        return text
+    netloc = parts.netloc
+    if has_password:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:{MASK}@{host}"
+    query = "&".join(
+        f"{key}={MASK}" if _SECRET_NAME_RE.search(unquote(key)) and value else f"{key}{sep}{value}"
+        for key, sep, value in (pair.partition("=") for pair in parts.query.split("&") if pair)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def masked_config(settings: BaseModel) -> dict[str, Any]:
+    """The effective configuration as JSON, with every secret replaced by ***."""
+    masked = _mask("", settings.model_dump(mode="python"))
+    assert isinstance(masked, dict)  # noqa: S101 - model_dump always returns a dict
+    return masked
+
+
+def _mask(name: str, value: Any) -> Any:
+    if isinstance(value, SecretStr | SecretBytes):
+        return MASK if value.get_secret_value() else ""
+    if isinstance(value, Mapping):
+        return {str(key): _mask(str(key), item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_mask(name, item) for item in value]
+    if isinstance(value, str):
+        # A plain-text field named like a secret is masked too, whatever its type says.
+        if value and _SECRET_NAME_RE.search(name):
+            return MASK
+        return mask_url(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, enum.Enum):
+        return _mask(name, value.value)
+    return mask_url(str(value))  # paths and other plain values
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
+def adapter_state(policy: ReconnectPolicy) -> dict[str, Any]:
+    """One adapter's connection as /healthz reports it."""
+    return {
+        "state": policy.state.value,
+        "since": _iso(policy.since),
+        "last_error": policy.last_error or None,
+        "failures": policy.failures,
+        "reconnects": policy.reconnects,
+    }
+
+
+class _HttpSink:
+    """Answers to questions asked over HTTP go nowhere but to the observers (the page)."""
+
+    @property
+    def name(self) -> str:
+        return SOURCE_NAME
+
+    async def begin(self, utterance: Utterance) -> None:
+        """Nothing to prepare."""
+
+    async def chunk(self, utterance: Utterance, chunk: SpeechChunk) -> None:
+        """The status page shows it through its observer."""
+
+    async def end(self, answer: Answer) -> None:
+        """The status page shows it through its observer."""
+
+
+class _AccessLogger(AbstractAccessLogger):
+    """Request lines without the query string, which may carry the access token."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.debug(
+            "%s %s -> %d in %.1f ms", request.method, request.path, response.status, time * 1000
+        )
+
+
+class HttpServer:
+    """The status page, /healthz, /metrics and the API, serving one running service."""
+
+    def __init__(
+        self, service: Service, settings: HttpSettings, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._service = service
+        self._settings = settings
+        self._clock = clock
+        self.metrics = BridgeMetrics(service.connections, lambda: service.dispatcher.in_flight)
+        self.log = ConversationLog(clock=clock)
+        self._assets: dict[str, bytes] = {}
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        """Where the status page is, e.g. http://127.0.0.1:8099/."""
+        host = self._settings.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}/"
+
+    async def start(self) -> None:
+        """Watch the dispatcher and start listening."""
+        self._assets = await asyncio.to_thread(_load_assets)
+        runner = web.AppRunner(
+            self._application(),
+            access_log_class=_AccessLogger,
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self._settings.host, self._settings.port)
+            await site.start()
+        except OSError as err:
+            await runner.cleanup()
+            raise ConfigError(
+                f"http: cannot listen on {self._settings.host}:{self._settings.port}: "
+                f"{err.strerror or err} (change [http] port, or set [http] enabled = false)"
+            ) from err
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        dispatcher = self._service.dispatcher
+        dispatcher.add_observer(self.metrics)
+        dispatcher.add_observer(self.log)
+        dispatcher.add_sink(_HttpSink())
+        _LOGGER.info(
+            "status page on %s (also /healthz and /metrics), listening on port %d",
+            self.url,
+            self.port,
+        )
+
+    async def stop(self) -> None:
+        """End the live streams and stop listening."""
+        self.log.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- what the endpoints report -----------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(healthy, body): healthy when every adapter the config requires is connected."""
+        adapters = {
+            name: adapter_state(policy)
+            for name, policy in sorted(self._service.connections.items())
+        }
+        down = [
+            name
+            for name, policy in sorted(self._service.connections.items())
+            if policy.state is not ConnectionState.CONNECTED
+        ]
+        return not down, {
+            "status": "ok" if not down else "unavailable",
+            "down": down,
+            "adapters": adapters,
+            "answering": self._service.pipeline.enabled,
+            "in_flight": self._service.dispatcher.in_flight,
+        }
+
+    def state(self) -> dict[str, Any]:
+        """Everything the status page shows, secrets masked."""
+        _, health = self.health()
+        return {
+            "version": __version__,
+            "now": self._clock(),
+            "status": health["status"],
+            "adapters": health["adapters"],
+            "answering": health["answering"],
+            "in_flight": health["in_flight"],
+            "speakers": self._speakers(),
+            "conversations": self.log.snapshot(),
+            "config": masked_config(self._service.settings),
+        }
+
+    def _speakers(self) -> list[str]:
+        speakers = self.log.devices()
+        configured = self._service.settings.homeassistant.speakers or {}
+        speakers += [player for player in configured.values() if player not in speakers]
+        return [speaker for speaker in speakers if speaker]
+
+    # -- the web application -----------------------------------------------------------------
+
+    def _application(self) -> web.Application:
+        app = web.Application(
+            client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._auth]
+        )
+        app.router.add_get("/", self._page)
+        app.router.add_get(_STATIC_PREFIX + "{name}", self._asset)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/api/state", self._state)
+        app.router.add_get("/api/events", self._events)
+        app.router.add_post("/api/ask", self._ask)
+        app.router.add_post("/api/answering", self._answering)
+        app.router.add_post("/api/forget", self._forget)
+        return app
+
+    @web.middleware
+    async def _errors(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except _Rejected as err:
+            return _error(err.status, err.message, err.headers)
+        except web.HTTPException as err:
+            if err.status < 400:
+                raise
+            headers = {"Allow": err.headers["Allow"]} if "Allow" in err.headers else {}
+            return _error(err.status, _describe(err, request), headers)
+        except Exception:
+            # The request boundary: one bad request must never take the service down.
+            _LOGGER.exception("HTTP %s %s failed", request.method, request.path)
+            return _error(500, "internal error; the service log has the details")
+
+    @web.middleware
+    async def _auth(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        token = self._settings.token
+        if token is None or request.path in _OPEN_PATHS or request.path.startswith(_STATIC_PREFIX):
+            return await handler(request)
+        presented = _presented_token(request)
+        challenge = {"WWW-Authenticate": 'Bearer realm="xiaoai-bridge"'}
+        if presented is None:
+            raise _Rejected(
+                401,
+                "an access token is required: send 'Authorization: Bearer <token>' or add "
+                "?token=<token> to the URL (the token is [http] token in the config)",
+                challenge,
+            )
+        if not hmac.compare_digest(presented.encode(), token.get_secret_value().encode()):
+            raise _Rejected(401, "wrong access token", challenge)
+        return await handler(request)
+
+    async def _page(self, request: web.Request) -> web.Response:
+        return self._asset_response("index.html")
+
+    async def _asset(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in _ASSETS or name == "index.html":
+            raise web.HTTPNotFound
+        return self._asset_response(name)
+
+    def _asset_response(self, name: str) -> web.Response:
+        return web.Response(
+            body=self._assets[name],
+            content_type=_ASSETS[name],
+            charset="utf-8" if _ASSETS[name].startswith("text/") else None,
+            headers=_PAGE_HEADERS,
+        )
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        healthy, body = self.health()
+        return web.json_response(body, status=200 if healthy else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=self.metrics.render())
+        # The exposition content type carries a version parameter aiohttp cannot set alone.
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    async def _state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.state(), dumps=_dumps)
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        response.content_type = "text/event-stream"
+        response.charset = "utf-8"
+        await response.prepare(request)
+        loop = asyncio.get_running_loop()
+        with self.log.subscribe() as subscription, contextlib.suppress(ConnectionResetError):
+            # The state comes first, through the same stream: no event falls between the two.
+            await _send(response, Event("state", self.state()))
+            last_sent = loop.time()
+            adapters = self.health()[1]
+            while True:
+                try:
+                    async with asyncio.timeout(ADAPTER_POLL_S):
+                        event = await subscription.get()
+                except TimeoutError:
+                    transport = request.transport
+                    if transport is None or transport.is_closing():
+                        break  # the page went away
+                    _, now = self.health()
+                    if (
+                        now["adapters"] != adapters["adapters"]
+                        or now["status"] != adapters["status"]
+                    ):
+                        adapters = now
+                        await _send(response, Event("adapters", now))
+                        last_sent = loop.time()
+                    elif loop.time() - last_sent >= KEEPALIVE_S:
+                        await response.write(b": keepalive\n\n")
+                        last_sent = loop.time()
+                    continue
+                if event is None:
+                    break  # shutting down, or the page fell too far behind
+                await _send(response, event)
+                last_sent = loop.time()
+        return response
+
+    async def _ask(self, request: web.Request) -> web.Response:
+        body = await _json_object(request, required=("text",), optional=("device",))
+        text = body["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise _Rejected(400, '"text" must be a non-empty string')
+        if len(text) > MAX_ASK_CHARS:
+            raise _Rejected(400, f'"text" is longer than {MAX_ASK_CHARS} characters')
+        device = _device(body, default="default")
+        utterance = Utterance(
+            text=text.strip(),
+            device=device,
+            id=f"http-{uuid.uuid4().hex[:12]}",
+            source=SOURCE_NAME,
+            said_at=self._clock(),
+        )
+        self._service.dispatcher.submit(utterance)
+        _LOGGER.info("question for %s asked over HTTP", device)
+        return web.json_response({"id": utterance.id, "device": device}, status=202)
+
+    async def _answering(self, request: web.Request) -> web.Response:
+        body = await _json_object(request, required=("enabled",))
+        enabled = body["enabled"]
+        if not isinstance(enabled, bool):
+            raise _Rejected(400, '"enabled" must be true or false')
+        self._service.pipeline.enabled = enabled
+        _LOGGER.info("answering switched %s over HTTP", "on" if enabled else "off")
+        self.log.publish("answering", {"enabled": enabled})
+        return web.json_response({"enabled": enabled})
+
+    async def _forget(self, request: web.Request) -> web.Response:
+        body = await _json_object(request, required=("device",))
+        device = _device(body)
+        turns = self._service.pipeline.memory.forget(device)
+        _LOGGER.info("forgot %d turns of %s's conversation (HTTP)", turns, device)
+        self.log.publish("forgot", {"device": device, "turns": turns})
+        return web.json_response({"device": device, "forgotten": turns})
+
+
+@contextlib.asynccontextmanager
+async def open_http(service: Service, settings: HttpSettings) -> AsyncIterator[HttpServer]:
+    """Serve the status page and endpoints for `service` until the block exits."""
+    server = HttpServer(service, settings)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def _load_assets() -> dict[str, bytes]:
+    return {name: (WEB_DIR / name).read_bytes() for name in _ASSETS}
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False)
+
+
+async def _send(response: web.StreamResponse, event: Event) -> None:
+    # json.dumps never emits a raw newline, so one data line carries the whole event.
+    await response.write(f"event: {event.kind}\ndata: {_dumps(event.data)}\n\n".encode())
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _describe(err: web.HTTPException, request: web.Request) -> str:
+    if isinstance(err, web.HTTPNotFound):
+        return f"no such endpoint: {request.path}"
+    if isinstance(err, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(err.allowed_methods))
+        return f"{err.method} is not allowed on {request.path}; use {allowed}"
+    if isinstance(err, web.HTTPRequestEntityTooLarge):
+        return f"request body too large: the limit is {MAX_BODY_BYTES} bytes"
+    return err.reason
+
+
+def _presented_token(request: web.Request) -> str | None:
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.query.get("token") or None
+
+
+async def _json_object(
+    request: web.Request, *, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    raw = await request.read()  # beyond client_max_size: HTTPRequestEntityTooLarge (413)
+    example = json.dumps(dict.fromkeys(required, "..."))
+    try:
+        data = json.loads(raw)
+    except ValueError as err:
+        raise _Rejected(400, f"the body is not valid JSON ({err}); send e.g. {example}") from None
+    except RecursionError:
+        raise _Rejected(400, "the body's JSON is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise _Rejected(400, f"the body must be a JSON object, e.g. {example}")
+    for name in required:
+        if name not in data:
+            raise _Rejected(400, f'missing field "{name}"')
+    for name in data:
+        if name not in required and name not in optional:
+            raise _Rejected(400, f'unknown field "{name}"')
+    return data
+
+
+def _device(body: Mapping[str, Any], default: str | None = None) -> str:
+    device = body.get("device", default)
+    if not isinstance(device, str) or not DEVICE_RE.fullmatch(device):
+        raise _Rejected(400, '"device" must be 1-64 letters, digits or . : @ _ - (e.g. "default")')
+    return device
