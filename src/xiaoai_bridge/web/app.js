@@ -4,6 +4,7 @@
 const token = new URLSearchParams(location.search).get("token");
 const SVG = "http://www.w3.org/2000/svg";
 const CHART_POINTS = 30;
+const CHART_MIN_SLOTS = 12;
 
 const REASONS = {
   timeout: "the LLM took too long",
@@ -73,6 +74,7 @@ function joinSentences(parts) {
 
 function seconds(value) {
   if (value == null) return "";
+  if (value < 1) return `${Math.round(value * 1000)} ms`;
   return value < 10 ? `${value.toFixed(2)} s` : `${value.toFixed(1)} s`;
 }
 
@@ -203,12 +205,23 @@ function renderDevice(device, freshKey) {
   document.getElementById("empty").hidden = state.order.length > 0;
 }
 
+function renderStats() {
+  const all = [...state.conversations.values()];
+  const answered = all.filter((c) => c.outcome === "answered");
+  document.getElementById("stat-answered").textContent = answered.length;
+  document.getElementById("stat-failed").textContent = all.filter((c) => c.outcome === "failed").length;
+  const first = median(answered.map((c) => c.first_chunk_s).filter((v) => v != null));
+  document.getElementById("stat-first").textContent = first == null ? "–" : seconds(first);
+  document.getElementById("stat-speakers").textContent = new Set([...state.order, ...state.speakers]).size;
+}
+
 function renderAllDevices() {
   document.getElementById("speakers").replaceChildren();
   for (const device of state.order) renderDevice(device);
   document.getElementById("empty").hidden = state.order.length > 0;
   renderSpeakerList();
   renderChart();
+  renderStats();
 }
 
 function appendChunk(data) {
@@ -295,7 +308,7 @@ function renderChart() {
     .slice(-CHART_POINTS);
   const width = 320;
   const height = 140;
-  const left = 30;
+  const left = 38;
   const bottom = 18;
   const top = 8;
   const nodes = [];
@@ -315,10 +328,10 @@ function renderChart() {
     nodes.push(svg("line", { x1: left, x2: width, y1: y(tick), y2: y(tick), class: "grid" }));
     nodes.push(svg("text", { x: left - 6, y: y(tick) + 3, "text-anchor": "end", class: "axis" }, `${+tick.toFixed(2)}s`));
   }
-  const slot = (width - left) / CHART_POINTS;
+  const slot = (width - left) / Math.max(points.length, CHART_MIN_SLOTS);
   const barWidth = Math.max(3, slot * 0.62);
   points.forEach((point, index) => {
-    const x = left + slot * (CHART_POINTS - points.length + index) + (slot - barWidth) / 2;
+    const x = left + slot * index + (slot - barWidth) / 2;
     const group = svg("g");
     group.append(svg("title", {}, `${point.device}: ${point.question}\nfirst sentence ${seconds(point.first_chunk_s)}, total ${seconds(point.total_s)}`));
     group.append(svg("rect", { x, y: y(point.total_s), width: barWidth, height: Math.max(1, y(0) - y(point.total_s)), rx: 2, class: "bar-total" }));
@@ -327,7 +340,7 @@ function renderChart() {
     }
     nodes.push(group);
   });
-  nodes.push(svg("text", { x: width, y: height - 4, "text-anchor": "end", class: "axis" }, "recent answers →"));
+  nodes.push(svg("text", { x: width, y: height - 4, "text-anchor": "end", class: "axis" }, "newest →"));
   chart.replaceChildren(...nodes);
   const first = median(points.map((p) => p.first_chunk_s).filter((v) => v != null));
   const total = median(points.map((p) => p.total_s));
@@ -379,6 +392,7 @@ function connect() {
     remember(conversation);
     renderDevice(conversation.device);
     renderChart();
+    renderStats();
   });
   source.addEventListener("adapters", (event) => {
     const data = JSON.parse(event.data);

@@ -1,0 +1,200 @@
+"""The status page in a real headless Chromium: live conversations, masked secrets, controls."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, ConsoleMessage, Error, Page, async_playwright, expect
+from pydantic import SecretStr
+
+from tests.conftest import API_KEY, Probe, make_settings
+from tests.e2e.test_http import MQTT_PASSWORD, TOKEN, Running, running
+from tests.fakes.mosquitto import Mosquitto
+from tests.fakes.openai_server import FakeOpenAI, Fault
+from xiaoai_bridge.config import HttpSettings, MqttSettings
+from xiaoai_bridge.pipeline.pipeline import APOLOGIES
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+SCREENSHOT = Path(os.environ.get("STATUS_PAGE_SCREENSHOT", "/tmp/status-page.png"))  # noqa: S108
+UI_WAIT_MS = 10_000
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"
+)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """The system Chromium, headless, driven by Playwright (no browser download)."""
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@pytest.fixture
+async def bridge(
+    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI, probe: Probe
+) -> AsyncIterator[Running]:
+    """The service with a page token and a broker password in its config."""
+    settings = make_settings(
+        tmp_path,
+        mosquitto,
+        llm,
+        http=HttpSettings(port=0, token=SecretStr(TOKEN)),
+        mqtt=MqttSettings(
+            url=f"mqtt://bridge:{MQTT_PASSWORD}@127.0.0.1:{mosquitto.port}",
+            client_id="bridge-under-test",
+        ),
+    )
+    async with running(settings, token=TOKEN) as started:
+        await probe.wait_status("online")
+        yield started
+
+
+class Console:
+    """Every console error and uncaught exception of a page."""
+
+    def __init__(self, page: Page) -> None:
+        self.errors: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", self._page_error)
+
+    def _console(self, message: ConsoleMessage) -> None:
+        if message.type in ("error", "assert"):
+            self.errors.append(f"console.{message.type}: {message.text}")
+
+    def _page_error(self, error: Error) -> None:
+        self.errors.append(f"uncaught: {error}")
+
+
+async def open_page(browser: Browser, bridge: Running, **context: object) -> tuple[Page, Console]:
+    """The status page, loaded and following the live feed."""
+    page = await browser.new_page(viewport={"width": 1360, "height": 900}, **context)  # type: ignore[arg-type]
+    console = Console(page)
+    await page.goto(f"{bridge.base}/?token={TOKEN}")
+    await expect(page.locator("#live")).to_have_attribute("data-state", "live", timeout=UI_WAIT_MS)
+    return page, console
+
+
+async def test_status_page_shows_live_answers_masks_secrets_and_its_controls_work(
+    browser: Browser, bridge: Running, probe: Probe, llm: FakeOpenAI, mosquitto: Mosquitto
+) -> None:
+    page, console = await open_page(browser, bridge)
+    await expect(page.locator("#health")).to_have_text("healthy")
+    mqtt = page.locator('#adapters li[data-adapter="mqtt"]')
+    await expect(mqtt.locator(".state")).to_have_text("connected")
+    await expect(page.locator("#empty")).to_be_visible()
+
+    # A question over MQTT appears, and its answer streams in sentence by sentence.
+    llm.answer = "今天北京晴，最高气温二十五度。" + "适合出门散步，记得带水。" * 3
+    llm.token_delay = 0.08
+    await probe.ask({"text": "小爱同学机器人今天北京天气怎么样", "device": "kitchen", "id": "m1"})
+    kitchen = page.locator('.speaker[data-device="kitchen"]')
+    turn = kitchen.locator(".turn").first
+    await expect(turn.locator(".question")).to_have_text(
+        "小爱同学机器人今天北京天气怎么样", timeout=UI_WAIT_MS
+    )
+    # Caught mid-answer: the first sentence is shown while the turn is still streaming.
+    await page.wait_for_function(
+        """([first, whole]) => {
+            const turn = document.querySelector('.speaker[data-device="kitchen"] .turn');
+            const answer = turn && turn.querySelector('.answer').textContent;
+            return turn.classList.contains('streaming') && answer.startsWith(first)
+                && answer.length < whole.length;
+        }""",
+        arg=["今天北京晴，最高气温二十五度。", llm.answer],
+        timeout=UI_WAIT_MS,
+    )
+    await expect(turn).to_have_class(re.compile(r"\banswered\b"), timeout=UI_WAIT_MS)
+    await expect(turn.locator(".answer")).to_have_text(llm.answer)
+    await expect(turn.locator(".meta .chip")).to_have_text("answered")
+    await expect(turn.locator(".timing").first).to_contain_text("first sentence")
+    await expect(page.locator("#chart rect.bar-total")).to_have_count(1)
+    await expect(page.locator("#empty")).to_be_hidden()
+
+    # A failure shows what went wrong, in words.
+    llm.fail_next(Fault.SERVER_ERROR, retry_after=0)
+    await probe.ask({"text": "再说一遍", "device": "kitchen", "id": "m2"})
+    failed = kitchen.locator(".turn").first
+    await expect(failed).to_have_class(re.compile(r"\bfailed\b"), timeout=UI_WAIT_MS)
+    await expect(failed.locator(".answer")).to_have_text(APOLOGIES["server_error"])
+    await expect(failed.locator(".reason")).to_have_text("the LLM server failed")
+    await expect(page.locator("#stat-failed")).to_have_text("1")
+
+    # The ask box puts a question through the same pipeline as a given speaker.
+    llm.answer = "今天是星期三。"
+    llm.token_delay = 0.0
+    await page.locator("#ask-device").fill("bedroom")
+    await page.locator("#ask-text").fill("今天星期几")
+    await page.get_by_role("button", name="Ask").click()
+    bedroom = page.locator('.speaker[data-device="bedroom"]')
+    await expect(bedroom.locator(".answer")).to_have_text("今天是星期三。", timeout=UI_WAIT_MS)
+    await expect(bedroom.locator(".q-meta")).to_contain_text("http")
+    assert llm.last_request.messages[-1] == {"role": "user", "content": "今天星期几"}
+    await expect(page.locator("#ask-text")).to_have_value("")
+    # The most recently active speaker comes first.
+    await expect(page.locator(".speaker").first).to_have_attribute("data-device", "bedroom")
+
+    # Secrets are masked everywhere on the page, the config included.
+    await page.locator(".config summary", has_text="[mqtt]").click()
+    await expect(page.locator(".config")).to_contain_text(
+        f"mqtt://bridge:***@127.0.0.1:{mosquitto.port}"
+    )
+    html = await page.content()
+    text = await page.locator("body").inner_text()
+    for secret in (TOKEN, MQTT_PASSWORD, API_KEY):
+        assert secret not in html
+        assert secret not in text
+
+    # The answering switch and the forget button reach the pipeline.
+    switch = page.locator("label.switch")
+    await switch.click()
+    await expect(page.locator("#toast")).to_contain_text("switched off")
+    assert bridge.service.pipeline.enabled is False
+    await switch.click()
+    await expect(page.locator("#toast")).to_contain_text("switched on")
+    assert bridge.service.pipeline.enabled is True
+    await kitchen.get_by_role("button", name="Forget").click()
+    await expect(page.locator("#toast")).to_contain_text("kitchen: forgot 1 turn")
+    assert bridge.service.pipeline.memory.history("kitchen") == []
+
+    await page.locator("#toast").evaluate("node => node.classList.remove('show')")
+    await expect(page.locator("#toast")).to_have_css("opacity", "0")
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert console.errors == []
+    await page.close()
+
+
+async def test_status_page_in_dark_mode_shows_conversations_from_before_it_opened(
+    browser: Browser, bridge: Running, probe: Probe, llm: FakeOpenAI
+) -> None:
+    llm.answer = "好的，我在。"
+    await probe.ask({"text": "你好", "device": "study", "id": "d1"})
+    await probe.reply_json()
+    page, console = await open_page(browser, bridge, color_scheme="dark")
+    # Conversations from before the page opened come with the first state.
+    study = page.locator('.speaker[data-device="study"]')
+    await expect(study.locator(".answer")).to_have_text("好的，我在。")
+    background = await page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(15, 17, 21)"
+    await page.screenshot(path=str(SCREENSHOT.with_name(SCREENSHOT.stem + "-dark.png")))
+    assert console.errors == []
+    await page.close()
