@@ -150,8 +150,17 @@ async def test_healthz_follows_the_broker_and_metrics_count_the_reconnect(
         assert healthy["adapters"]["mqtt"]["since"].endswith("+00:00")
         assert await bridge.metric("xiaoai_bridge_adapter_connected", adapter="mqtt") == 1
 
-        await mosquitto.stop()
-        down = await bridge.wait_health(503)
+        async with bridge.client.get(bridge.base + "/api/events") as stream:
+            events = read_events(stream)
+            assert (await anext(events))[0] == "state"
+            await mosquitto.stop()
+            down = await bridge.wait_health(503)
+            # A live page hears about it without asking.
+            async with asyncio.timeout(WAIT_S):
+                kind, data = await anext(events)
+            assert kind == "adapters"
+            assert data["status"] == "unavailable"
+            assert data["adapters"]["mqtt"]["state"] == "reconnecting"
         assert down["status"] == "unavailable"
         assert down["down"] == ["mqtt"]
         mqtt = down["adapters"]["mqtt"]
@@ -233,6 +242,11 @@ async def test_ask_over_http_goes_through_the_pipeline_and_streams_live(
         assert end["outcome"] == "answered"
         assert end["answer"] == "北京今天晴。最高二十五度。"
         assert 0 < end["first_chunk_s"] <= end["total_s"]
+        async with asyncio.timeout(WAIT_S):
+            while True:  # the page left: its subscription goes too
+                if not bridge.http.log.subscribers:
+                    break
+                await asyncio.sleep(_POLL_S)
         _, state = await bridge.call("GET", "/api/state", expect=200)
         assert state["speakers"] == ["kitchen"]
         [logged] = state["conversations"]["kitchen"]
@@ -412,3 +426,21 @@ async def test_a_port_in_use_is_a_config_error(
             async with open_http(bridge.service, taken):
                 pass
         await bridge.wait_health(200)
+
+
+async def test_open_event_streams_end_when_the_server_stops(
+    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI
+) -> None:
+    async with running(http_settings(tmp_path, mosquitto, llm)) as bridge:
+        await bridge.wait_health(200)
+        async with bridge.client.get(bridge.base + "/api/events") as stream:
+            events = read_events(stream)
+            assert (await anext(events))[0] == "state"
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await bridge.http.stop()
+            async with asyncio.timeout(WAIT_S):
+                rest = [kind async for kind, _ in events]
+            assert rest == []
+            assert loop.time() - started < 1.5  # ended at once, not after a drain timeout
+        assert bridge.http.log.subscribers == 0
