@@ -187,7 +187,7 @@ class HttpServer:
         return f"http://{f'[{host}]' if ':' in host else host}:{self.port}/"
 
     async def start(self) -> None:
-        """Watch the dispatcher and start listening."""
+        """Start listening, then watch the dispatcher (the app opens it only when enabled)."""
         self._assets = await asyncio.to_thread(_load_assets)
         runner = web.AppRunner(
             self._application(),
@@ -210,11 +210,7 @@ class HttpServer:
         dispatcher.add_observer(self.metrics)
         dispatcher.add_observer(self.log)
         dispatcher.add_sink(_HttpSink())
-        _LOGGER.info(
-            "status page on %s (also /healthz and /metrics), listening on port %d",
-            self.url,
-            self.port,
-        )
+        _LOGGER.info("HTTP server listening on port %d: status page at %s", self.port, self.url)
 
     async def stop(self) -> None:
         """End the live streams and stop listening."""
