@@ -344,3 +344,58 @@ def test_image_layout_matches_the_service_defaults() -> None:
     assert f"'{DEFAULT_HTTP_PORT}'" in healthcheck
     assert "/healthz" in healthcheck
     assert _dockerfile_instruction("EXPOSE") == str(DEFAULT_HTTP_PORT)
+
+
+@pytest.fixture
+async def healthz() -> AsyncIterator[tuple[int, dict[str, int]]]:
+    """A loopback /healthz whose status the test sets; yields (port, {"status": ...})."""
+    answer = {"status": 200}
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"}, status=answer["status"])
+
+    app = web.Application()
+    app.router.add_get("/healthz", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1], answer
+    finally:
+        await runner.cleanup()
+
+
+async def test_image_healthcheck_follows_healthz(healthz: tuple[int, dict[str, int]]) -> None:
+    port, answer = healthz
+    words = _dockerfile_instruction("HEALTHCHECK").split()
+    command = json.loads(" ".join(words[words.index("CMD") + 1 :]))
+    assert command[:2] == ["python", "-c"]
+    environ = {"PATH": os.environ["PATH"], "XIAOAI_BRIDGE_HTTP__PORT": str(port)}
+
+    async def check() -> int:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            command[2],
+            env=environ,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        return await proc.wait()
+
+    assert await check() == 0
+    answer["status"] = 503  # a required adapter is down
+    assert await check() != 0
+    # The add-on's image has the same check, on the fixed port (its port is not configurable).
+    addon = _addon_healthcheck()
+    assert addon[:2] == ["python3", "-c"]
+    assert "http://127.0.0.1:8099/healthz" in addon[2]
+
+
+def _addon_healthcheck() -> list[str]:
+    text = (ADDON / "Dockerfile").read_text().replace("\\\n", " ")
+    (line,) = [line for line in text.splitlines() if line.startswith("HEALTHCHECK ")]
+    parsed = json.loads(line.split(" CMD ", 1)[1])
+    assert isinstance(parsed, list)
+    return [str(part) for part in parsed]
