@@ -41,6 +41,7 @@ OPTION_KEYS: Mapping[str, str] = {
     "acknowledgement": "homeassistant.acknowledgement",
     "mqtt_mode": "mqtt.enabled",
     "mqtt_url": "mqtt.url",
+    "mqtt_discovery": "mqtt.discovery",
     "question_topic": "mqtt.question_topic",
     "reply_topic": "mqtt.reply_topic",
     "http_token": "http.token",
@@ -179,6 +180,8 @@ def _mqtt_section(options: Mapping[str, Any], service: Mapping[str, Any] | None)
             "mqtt_mode needs a broker: install the Mosquitto broker add-on, or set mqtt_url"
         )
     section["url"] = url
+    if "mqtt_discovery" in options:
+        section["discovery"] = bool(options["mqtt_discovery"])
     for key in ("question_topic", "reply_topic"):
         if options.get(key):
             section[key] = options[key]

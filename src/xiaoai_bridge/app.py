@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -22,6 +23,7 @@ from xiaoai_bridge.clients.xiaomi import (
     new_session,
 )
 from xiaoai_bridge.config import DEFAULT_EMBEDDED_HOST, XIAOMI_TOKEN_FILE, Settings, TriggerSettings
+from xiaoai_bridge.discovery import DiscoveryCleaner, HomeAssistantDiscovery
 from xiaoai_bridge.errors import ConfigError
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
 from xiaoai_bridge.models import Answer
@@ -134,6 +136,9 @@ class Service:
     # Adapter name -> its connection's state, for /healthz.
     connections: dict[str, ReconnectPolicy] = field(default_factory=dict)
     mqtt: MqttConnection | None = None
+    discovery: HomeAssistantDiscovery | None = None
+    # Long-running jobs besides the sources, by task name (e.g. "discovery:run").
+    jobs: dict[str, Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=dict)
 
 
 async def _pump(source: Source, dispatcher: Dispatcher) -> None:
@@ -186,6 +191,25 @@ async def _add_mqtt(service: Service, stack: contextlib.AsyncExitStack) -> None:
             error_topic=settings.mqtt.error_topic,
         )
     )
+    mqtt = settings.mqtt
+    if mqtt.discovery_enabled:
+        discovery = HomeAssistantDiscovery(
+            connection,
+            service.pipeline,
+            availability_topic=mqtt.status_topic,
+            prefix=mqtt.discovery_prefix,
+            base_topic=mqtt.discovery_base_topic,
+            node_id=mqtt.client_id,
+        )
+        service.discovery = discovery
+        service.dispatcher.add_observer(discovery)
+        service.jobs["discovery:run"] = discovery.run
+    else:
+        # Entities an earlier run announced are removed, not left to rot in HA.
+        cleaner = DiscoveryCleaner(
+            connection, prefix=mqtt.discovery_prefix, base_topic=mqtt.discovery_base_topic
+        )
+        service.jobs["discovery:clean"] = cleaner.run
     _LOGGER.info(
         "MQTT mode: questions on %s, answers on %s",
         settings.mqtt.question_topic,
@@ -310,6 +334,7 @@ async def serve(service: Service, stop: asyncio.Event) -> None:
             group.create_task(_pump(source, service.dispatcher), name=f"{source.name}:source")
             for source in service.sources
         ]
+        pumps += [group.create_task(job(), name=name) for name, job in service.jobs.items()]
         await stop.wait()
         # Stop hearing, finish the answers under way, deliver them, say goodbye.
         for pump in pumps:

@@ -113,6 +113,15 @@ class MqttSettings(_Section):
         default=None,
         description="Run MQTT mode. Unset: on when url is set or no other mode is configured.",
     )
+    discovery: bool | None = Field(
+        default=None,
+        description="Home Assistant MQTT discovery: the bridge appears in HA with sensors, an "
+        "answering switch and forget buttons. Unset: on when url is set.",
+    )
+    discovery_prefix: str = Field(default="homeassistant", description="HA's discovery prefix.")
+    discovery_base_topic: str = Field(
+        default="xiaoai-bridge", description="Where the discovered entities' topics live."
+    )
     embedded_port: int = Field(
         default=DEFAULT_MQTT_PORT,
         ge=1,
@@ -136,12 +145,19 @@ class MqttSettings(_Section):
             raise ValueError(f"has an invalid port: {err}") from None
         return value
 
-    @field_validator("question_topic", "reply_topic", "status_topic")
+    @field_validator(
+        "question_topic", "reply_topic", "status_topic", "discovery_prefix", "discovery_base_topic"
+    )
     @classmethod
     def _check_topic(cls, value: str) -> str:
         if not value or "+" in value or "#" in value:
             raise ValueError("must be a non-empty topic without wildcards")
         return value
+
+    @property
+    def discovery_enabled(self) -> bool:
+        """Discovery runs when asked for, or by default next to a real (external) broker."""
+        return self.discovery if self.discovery is not None else self.url is not None
 
     @property
     def embedded(self) -> bool:

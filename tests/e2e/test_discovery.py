@@ -22,8 +22,6 @@ from xiaoai_bridge.app import Service, open_service, serve
 from xiaoai_bridge.config import DEFAULT_SYSTEM_PROMPT, Settings
 from xiaoai_bridge.discovery import (
     MAX_STATE_CHARS,
-    DiscoveryCleaner,
-    HomeAssistantDiscovery,
     object_id_for,
     truncate,
 )
@@ -62,42 +60,23 @@ DEVICE_KEYS = {"identifiers", "name", "manufacturer", "model", "sw_version"}
 ORIGIN_KEYS = {"name", "sw_version", "support_url"}
 
 
-# -- the service, wired exactly as app.py wires discovery ------------------------------------
-
-
-def wire_discovery(service: Service, *, enabled: bool) -> HomeAssistantDiscovery | DiscoveryCleaner:
-    """What app.py does after `_add_mqtt` when `[mqtt] discovery` is on (or off)."""
-    assert service.mqtt is not None
-    mqtt = service.settings.mqtt
-    if not enabled:
-        return DiscoveryCleaner(service.mqtt)
-    discovery = HomeAssistantDiscovery(
-        service.mqtt,
-        service.pipeline,
-        availability_topic=mqtt.status_topic,
-        node_id=mqtt.client_id,
-    )
-    service.dispatcher.add_observer(discovery)
-    return discovery
+# -- the service, as `xiaoai-bridge run` runs it ---------------------------------------------
 
 
 @contextlib.asynccontextmanager
 async def running(settings: Settings, *, discovery: bool = True) -> AsyncIterator[Service]:
-    """The service as `xiaoai-bridge run` runs it, plus the `discovery:run` task."""
+    """The whole service with `[mqtt] discovery` on (or off)."""
+    mqtt = settings.mqtt.model_copy(update={"discovery": discovery})
     stop = asyncio.Event()
-    async with open_service(settings) as service:
-        job = wire_discovery(service, enabled=discovery)
+    async with open_service(settings.model_copy(update={"mqtt": mqtt})) as service:
+        assert (service.discovery is not None) == discovery
         serving = asyncio.create_task(serve(service, stop), name="serve")
-        task = asyncio.create_task(job.run(), name="discovery:run")
         assert service.mqtt is not None
         async with asyncio.timeout(WAIT_S):
             await service.mqtt.wait_connected()  # subscribed: questions from now on count
         try:
             yield service
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             stop.set()
             async with asyncio.timeout(WAIT_S):
                 await serving
