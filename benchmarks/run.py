@@ -102,7 +102,7 @@ async def bridge(broker: Mosquitto, llm_url: str, work: Path) -> AsyncIterator[B
         f'data_dir = "{work / "data"}"\nlog_level = "WARNING"\n'
         f'[mqtt]\nurl = "{broker.url}"\nclient_id = "bench-{time.monotonic_ns() % 10**9}"\n'
         f'[llm]\nbase_url = "{llm_url}"\napi_key = "{API_KEY}"\nmodel = "fake-model"\n'
-        "max_retries = 0\n",
+        "max_retries = 0\n[http]\nport = 0\n",
         encoding="utf-8",
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "XIAOAI_"))}

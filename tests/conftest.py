@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from tests.fakes.mosquitto import Mosquitto
 from tests.fakes.openai_server import FakeOpenAI
 from xiaoai_bridge.app import run_service
-from xiaoai_bridge.config import LLMSettings, MqttSettings, Settings
+from xiaoai_bridge.config import HttpSettings, LLMSettings, MqttSettings, Settings
 
 API_KEY = "sk-test-0123456789abcdef"
 WAIT_S = 10.0
@@ -57,6 +57,7 @@ def make_settings(
         "data_dir": tmp_path / "data",
         "mqtt": MqttSettings(url=broker.url, client_id="bridge-under-test"),
         "llm": llm_settings(fake_llm),
+        "http": HttpSettings(port=0),  # a free port: tests run side by side
     }
     values.update(sections)
     return Settings(**values)

@@ -25,6 +25,7 @@ from xiaoai_bridge.clients.xiaomi import (
 from xiaoai_bridge.config import DEFAULT_EMBEDDED_HOST, XIAOMI_TOKEN_FILE, Settings, TriggerSettings
 from xiaoai_bridge.discovery import DiscoveryCleaner, HomeAssistantDiscovery
 from xiaoai_bridge.errors import ConfigError
+from xiaoai_bridge.http import HttpServer, open_http
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
 from xiaoai_bridge.models import Answer
 from xiaoai_bridge.pipeline.dispatcher import Dispatcher
@@ -137,6 +138,7 @@ class Service:
     connections: dict[str, ReconnectPolicy] = field(default_factory=dict)
     mqtt: MqttConnection | None = None
     discovery: HomeAssistantDiscovery | None = None
+    http: HttpServer | None = None
     # Long-running jobs besides the sources, by task name (e.g. "discovery:run").
     jobs: dict[str, Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=dict)
 
@@ -321,6 +323,8 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             await _add_homeassistant(service, stack)
         if settings.xiaomi.enabled:
             await _add_xiaomi(service, stack)
+        if settings.http.enabled:
+            service.http = await stack.enter_async_context(open_http(service, settings.http))
         stack.push_async_callback(service.dispatcher.aclose)
         yield service
 

@@ -22,7 +22,14 @@ EXE = [sys.executable, "-m", "xiaoai_bridge.cli"]
 
 def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "XIAOAI_BRIDGE_"))}
-    env.update({"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data")}, **extra)
+    env.update(
+        {
+            "HOME": str(tmp_path),
+            "XDG_DATA_HOME": str(tmp_path / "data"),
+            "XIAOAI_BRIDGE_HTTP__PORT": "0",  # a free port: never fight over 8099
+        },
+        **extra,
+    )
     return env
 
 

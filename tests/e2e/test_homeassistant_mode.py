@@ -16,7 +16,7 @@ from tests.fakes.homeassistant_server import DEFAULT_TOKEN, FakeHomeAssistant
 from tests.fakes.openai_server import FakeOpenAI
 from xiaoai_bridge.app import run_service
 from xiaoai_bridge.clients.homeassistant import HomeAssistantAuthError
-from xiaoai_bridge.config import HomeAssistantSettings, Settings
+from xiaoai_bridge.config import HomeAssistantSettings, HttpSettings, Settings
 from xiaoai_bridge.pipeline.pipeline import CONTINUOUS_ON_REPLY
 
 FAST = 200.0  # characters per second: keeps pacing real but the suite quick
@@ -39,6 +39,7 @@ def ha_settings(
     values.update(ha_values)
     return Settings(
         data_dir=tmp_path / "data",
+        http=HttpSettings(port=0),
         llm=llm_settings(llm),
         homeassistant=HomeAssistantSettings.model_validate(values),
     )
@@ -135,7 +136,7 @@ async def test_cli_exits_non_zero_on_a_wrong_token(tmp_path: Path, ha: FakeHomeA
         "run",
         "--config",
         str(config),
-        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "XIAOAI_BRIDGE_HTTP__PORT": "0"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -156,7 +157,7 @@ async def run_cli(tmp_path: Path, *args: str) -> tuple[int, str]:
         "-m",
         "xiaoai_bridge.cli",
         *args,
-        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "XIAOAI_BRIDGE_HTTP__PORT": "0"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -18,7 +18,13 @@ from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.xiaomi_cloud import FakeXiaomiCloud
 from xiaoai_bridge.app import run_service
 from xiaoai_bridge.clients.xiaomi import InvalidCredentialsError
-from xiaoai_bridge.config import XIAOMI_TOKEN_FILE, Settings, XiaomiEndpoints, XiaomiSettings
+from xiaoai_bridge.config import (
+    XIAOMI_TOKEN_FILE,
+    HttpSettings,
+    Settings,
+    XiaomiEndpoints,
+    XiaomiSettings,
+)
 
 
 @pytest.fixture
@@ -40,6 +46,7 @@ def xiaomi_settings(
     xiaomi.update(values)
     return Settings(
         data_dir=tmp_path / "data",
+        http=HttpSettings(port=0),
         llm=llm_settings(llm),
         xiaomi=XiaomiSettings.model_validate(xiaomi),
     )

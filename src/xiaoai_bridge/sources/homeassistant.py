@@ -207,6 +207,7 @@ class HomeAssistantSource:
             id=f"{sensor}@{round(said_at * 1000)}",
             source=self._name,
             extra=extra,
+            said_at=said_at,
         )
 
     def _track(self, sensor: str, state: Mapping[str, Any]) -> str | None:
