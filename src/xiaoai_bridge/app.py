@@ -279,11 +279,12 @@ async def _add_xiaomi(service: Service, stack: contextlib.AsyncExitStack) -> Non
         speakers=mi.speakers,
         poll_interval_s=mi.poll_interval_s,
         freshness_s=mi.freshness_s,
+        on_speaker=lambda label, policy: service.connections.update({f"xiaomi {label}": policy}),
     )
     # Fail fast: a refused login or an unknown speaker is an error at start, not a loop.
     found = await source.resolve_speakers()
     service.sources.append(source)
-    service.connections["xiaomi"] = source.discovery
+    service.connections["xiaomi"] = source.discovery  # the account and speaker lookup
     models = {hardware: SpeakerActions(**row.model_dump()) for hardware, row in mi.models.items()}
     sink = XiaomiSink(
         mina,

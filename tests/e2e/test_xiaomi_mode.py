@@ -9,14 +9,16 @@ import stat
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 from pydantic import SecretStr
 
 from tests.conftest import llm_settings
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.xiaomi_cloud import FakeXiaomiCloud
-from xiaoai_bridge.app import run_service
+from xiaoai_bridge.app import open_service, run_service, serve
 from xiaoai_bridge.clients.xiaomi import InvalidCredentialsError
 from xiaoai_bridge.config import (
     XIAOMI_TOKEN_FILE,
@@ -207,3 +209,32 @@ async def test_login_failures_have_their_own_code_and_advice(
     assert words in err.lower()
     assert "Traceback" not in err
     assert password not in err
+
+
+async def test_healthz_follows_each_speakers_polling(
+    tmp_path: Path, cloud: FakeXiaomiCloud, llm: FakeOpenAI
+) -> None:
+    entry = f"xiaomi {cloud.speaker.name}"
+    stop = asyncio.Event()
+    async with open_service(xiaomi_settings(tmp_path, cloud, llm)) as service:
+        serving = asyncio.create_task(serve(service, stop))
+        assert service.http is not None
+        healthz = f"{service.http.url}healthz"
+        async with aiohttp.ClientSession() as http:
+
+            async def status() -> tuple[int, dict[str, Any]]:
+                async with http.get(healthz) as response:
+                    return response.status, await response.json()
+
+            await wait_until(lambda: len(cloud.calls_to("conversation")) >= 2)
+            code, body = await status()
+            assert code == 200
+            assert body["adapters"][entry]["state"] == "connected"
+            cloud.fail("conversation", 503, times=1000)  # the cloud breaks mid-run
+            async with asyncio.timeout(10):
+                while (await status())[0] != 503:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+            code, body = await status()
+            assert body["adapters"][entry]["state"] == "reconnecting"
+        stop.set()
+        await asyncio.wait_for(serving, 15)

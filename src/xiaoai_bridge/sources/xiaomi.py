@@ -149,6 +149,7 @@ class XiaomiSource:
         clock: Callable[[], float] = time.time,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
+        on_speaker: Callable[[str, ReconnectPolicy], None] | None = None,
     ) -> None:
         """`continuous_poll_interval_s` applies while continuous conversation is on for a
         speaker (see `set_continuous`); None means half the normal interval."""
@@ -176,6 +177,7 @@ class XiaomiSource:
         self._max_queued = max_queued
         self._name = name
         self._clock = clock
+        self._on_speaker = on_speaker
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
         self._pollers: dict[str, SpeakerPoller] = {}
@@ -267,6 +269,8 @@ class XiaomiSource:
                 },
             )
             self._pollers[device.device_id] = poller
+            if self._on_speaker is not None:  # e.g. for /healthz, one entry per speaker
+                self._on_speaker(label, poller.policy)
             if not device.online:
                 _LOGGER.info("%s: speaker %s is offline; polling it anyway", self._name, label)
         _LOGGER.info(
