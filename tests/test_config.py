@@ -112,3 +112,20 @@ def test_broken_toml_and_missing_file_are_clear(tmp_path: Path) -> None:
         load_settings(write(tmp_path, "[mqtt\n"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_a_config_file_with_secrets_readable_by_others_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path, '[llm]\napi_key = "sk-secret-value"\n')
+    path.chmod(0o644)
+    load_settings(path)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"{path} holds secrets and is readable by other users: chmod 600 {path}"]
+    assert "sk-secret-value" not in caplog.text
+    caplog.clear()
+    path.chmod(0o600)
+    load_settings(path)
+    write(tmp_path, '[llm]\nmodel = "x"\n').chmod(0o644)  # no secret: nothing to say
+    load_settings(tmp_path / "config.toml")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -21,6 +22,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from xiaoai_bridge.errors import ConfigError
+
+_LOGGER = logging.getLogger(__name__)
 
 ENV_PREFIX = "XIAOAI_BRIDGE_"
 CONFIG_ENV = "XIAOAI_BRIDGE_CONFIG"
@@ -636,9 +639,24 @@ def load_settings(path: Path | None = None) -> Settings:
             raise ConfigError(f"{path} is not valid TOML: {err}") from err
     _apply_openai_fallbacks(data)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as err:
         raise ConfigError(_describe(err, path)) from None
+    if path is not None and path.stat().st_mode & 0o077 and _holds_secrets(data):
+        _LOGGER.warning("%s holds secrets and is readable by other users: chmod 600 %s", path, path)
+    return settings
+
+
+def _holds_secrets(data: dict[str, Any]) -> bool:
+    """True when the file itself sets a key, token or password (env vars do not count)."""
+    secret_keys = {"api_key", "token", "password", "pass_token"}
+    for value in data.values():
+        if isinstance(value, dict) and (
+            secret_keys & {k for k, v in value.items() if v} or _holds_secrets(value)
+        ):
+            return True
+    url = data.get("mqtt", {}).get("url") if isinstance(data.get("mqtt"), dict) else None
+    return bool(url and urlsplit(str(url)).password)
 
 
 def _apply_openai_fallbacks(data: dict[str, Any]) -> None:
