@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from tests.conftest import llm_settings
+from tests.conftest import llm_settings, open_probe
 from tests.fakes.homeassistant_server import DEFAULT_TOKEN, FakeHomeAssistant
+from tests.fakes.mosquitto import Mosquitto
 from tests.fakes.openai_server import FakeOpenAI
 from xiaoai_bridge.app import run_service
 from xiaoai_bridge.clients.homeassistant import HomeAssistantAuthError
-from xiaoai_bridge.config import HomeAssistantSettings, HttpSettings, Settings
+from xiaoai_bridge.config import HomeAssistantSettings, HttpSettings, MqttSettings, Settings
 from xiaoai_bridge.pipeline.pipeline import CONTINUOUS_ON_REPLY
 
 FAST = 200.0  # characters per second: keeps pacing real but the suite quick
@@ -205,3 +206,24 @@ async def test_keywords_can_differ_per_speaker(
         await asyncio.sleep(0.2)
     assert sorted(c.entity_id for c in calls) == sorted([kids.media_player, parents.media_player])
     assert sorted(r.last_user_message for r in llm.requests) == ["你好", "小白讲个故事"]
+
+
+async def test_mqtt_and_home_assistant_modes_run_together(
+    tmp_path: Path, ha: FakeHomeAssistant, llm: FakeOpenAI, mosquitto: Mosquitto
+) -> None:
+    speaker = ha.add_speaker()
+    llm.answer = "两边都回答。"
+    settings = ha_settings(tmp_path, ha, llm).model_copy(
+        update={"mqtt": MqttSettings(url=mosquitto.url, enabled=True, client_id="both-modes")}
+    )
+    async with open_probe(mosquitto, "both-probe") as probe, running(settings, ha):
+        await probe.wait_status("online")
+        await probe.ask("从 Node-RED 来的问题")
+        ha.set_conversation(speaker.sensor, "机器人从音箱来的问题")
+        assert await probe.reply_text() == "两边都回答。"
+        calls = await ha.wait_for_calls(1, domain="xiaomi_miot", within_s=10)
+    assert calls[0].text == "两边都回答。"
+    assert sorted(r.last_user_message for r in llm.requests) == [
+        "从 Node-RED 来的问题",
+        "从音箱来的问题",
+    ]
