@@ -11,9 +11,11 @@ from typing import Any
 
 import aiohttp
 
+from xiaoai_bridge.audio import AudioStore
 from xiaoai_bridge.broker import BrokerStartError, embedded_broker
 from xiaoai_bridge.clients.homeassistant import HomeAssistantClient
 from xiaoai_bridge.clients.mqtt import MqttConnection
+from xiaoai_bridge.clients.tts import EdgeTts, HttpTts, TtsEngine
 from xiaoai_bridge.clients.xiaomi import (
     ConversationClient,
     MinaClient,
@@ -139,6 +141,8 @@ class Service:
     mqtt: MqttConnection | None = None
     discovery: HomeAssistantDiscovery | None = None
     http: HttpServer | None = None
+    # Clips of the external TTS, served by the HTTP server for the speakers to fetch.
+    audio: AudioStore | None = None
     # Long-running jobs besides the sources, by task name (e.g. "discovery:run").
     jobs: dict[str, Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=dict)
 
@@ -263,6 +267,18 @@ def mina_client(settings: Settings, session: aiohttp.ClientSession, auth: Xiaomi
     return MinaClient(session, auth, base_url=mi.endpoints.mina, timeout_s=mi.timeout_s)
 
 
+def external_tts(settings: Settings, session: aiohttp.ClientSession) -> TtsEngine:
+    """The TTS engine of `[xiaomi.tts_http]`."""
+    tts = settings.xiaomi.tts_http
+    if tts.engine == "edge":
+        if not EdgeTts.available():
+            raise ConfigError(
+                'xiaomi.tts_http.engine = "edge" needs the edge-tts package: pip install edge-tts'
+            )
+        return EdgeTts(tts.voice)
+    return HttpTts(session, tts.url, method=tts.method, voice=tts.voice, timeout_s=tts.timeout_s)
+
+
 async def _add_xiaomi(service: Service, stack: contextlib.AsyncExitStack) -> None:
     settings = service.settings
     mi = settings.xiaomi
@@ -286,11 +302,20 @@ async def _add_xiaomi(service: Service, stack: contextlib.AsyncExitStack) -> Non
     service.sources.append(source)
     service.connections["xiaomi"] = source.discovery  # the account and speaker lookup
     models = {hardware: SpeakerActions(**row.model_dump()) for hardware, row in mi.models.items()}
+    tts_engine: TtsEngine | None = None
+    if mi.tts == "url":
+        public_url = settings.http.public_url
+        if public_url is None:  # the config model checks this already
+            raise ConfigError('xiaomi.tts = "url" needs http.public_url')
+        service.audio = AudioStore(public_url)
+        tts_engine = external_tts(settings, session)
     sink = XiaomiSink(
         mina,
         miot,
         models=models,
         tts=mi.tts,
+        tts_engine=tts_engine,
+        audio=service.audio,
         silence=mi.silence,
         wake=mi.wake,
         chars_per_second=mi.chars_per_second,

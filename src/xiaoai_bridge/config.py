@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import string
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -427,6 +428,57 @@ class XiaomiModelActions(_Section):
     )
 
 
+DEFAULT_TTS_HTTP_TIMEOUT_S = 10.0
+_TTS_FIELDS = frozenset({"text", "voice"})
+
+
+class XiaomiTtsHttp(_Section):
+    """`[xiaomi.tts_http]`: the external TTS used when `[xiaomi] tts = "url"`."""
+
+    engine: Literal["http", "edge"] = Field(
+        default="http",
+        description="http: the service at url; edge: Microsoft Edge's online voices "
+        "(needs `pip install edge-tts` and the internet).",
+    )
+    url: str = Field(
+        default="",
+        description="URL template; {text} and {voice} are filled in URL-encoded, e.g. "
+        "http://192.168.1.5:5000/tts?text={text}&voice={voice}. The answer is the audio.",
+    )
+    method: Literal["GET", "POST"] = Field(
+        default="GET", description='POST sends {"text": ..., "voice": ...} as JSON.'
+    )
+    voice: str = Field(
+        default="", description="Voice name for {voice} (edge: e.g. zh-CN-XiaoxiaoNeural)."
+    )
+    timeout_s: float = Field(
+        default=DEFAULT_TTS_HTTP_TIMEOUT_S, gt=0, description="Per-sentence TTS deadline."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s):// URL")
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as err:
+            raise ValueError(f"is not a valid template ({err}); write {{{{ for a brace") from None
+        if fields - _TTS_FIELDS:
+            unknown = ", ".join(sorted(f"{{{name}}}" for name in fields - _TTS_FIELDS))
+            raise ValueError(f"has unknown placeholders {unknown}; only {{text}} and {{voice}}")
+        return value
+
+    @model_validator(mode="after")
+    def _text_goes_somewhere(self) -> XiaomiTtsHttp:
+        if self.url and self.method == "GET" and "{text}" not in self.url:
+            raise ValueError("xiaomi.tts_http.url: a GET template needs {text}")
+        return self
+
+
 class XiaomiSettings(_Section):
     """`[xiaomi]`: hear and speak through the Xiaomi cloud itself, no Home Assistant."""
 
@@ -456,9 +508,12 @@ class XiaomiSettings(_Section):
         default=60.0, gt=0, description="Utterances older than this are never answered."
     )
     timeout_s: float = Field(default=10.0, gt=0, description="Per-request cloud timeout.")
-    tts: Literal["auto", "mina", "miot"] = Field(
-        default="auto", description="How to speak: per the model table, or forced."
+    tts: Literal["auto", "mina", "miot", "url"] = Field(
+        default="auto",
+        description="How to speak: per the model table, or forced; url: an external TTS "
+        "([xiaomi.tts_http]) served from the HTTP server (needs http.public_url).",
     )
+    tts_http: XiaomiTtsHttp = Field(default_factory=XiaomiTtsHttp)
     silence: Literal["pause_stop", "pause", "stop", "none"] = Field(
         default="pause_stop", description="How to cut XiaoAi's own answer short."
     )
@@ -504,8 +559,27 @@ class HttpSettings(_Section):
     token: SecretStr | None = Field(
         default=None,
         description="Access token for the page and API (Authorization: Bearer, or ?token=); "
-        "/healthz stays open for container health checks.",
+        "/healthz and /audio/ (random names) stay open.",
     )
+    public_url: str | None = Field(
+        default=None,
+        description="This server as the speakers reach it, e.g. http://192.168.1.5:8099; "
+        'needed by [xiaomi] tts = "url".',
+    )
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s):// URL, e.g. http://192.168.1.5:8099")
+        if parts.hostname in _LOOPBACK_HOSTS:
+            raise ValueError("must be the LAN address the speakers reach, not loopback")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _token_beyond_loopback(self) -> HttpSettings:
@@ -589,7 +663,29 @@ class Settings(BaseSettings):
                 "xiaomi.user_id: needed with xiaomi.pass_token (both are cookies of a "
                 "logged-in browser)"
             )
+        if self.xiaomi.tts == "url":
+            self._check_url_tts()
         return self
+
+    def _check_url_tts(self) -> None:
+        why = 'with xiaomi.tts = "url" the speaker fetches audio from the HTTP server'
+        if not self.http.enabled:
+            raise ValueError(f"http.enabled: must be true ({why})")
+        if self.http.public_url is None:
+            raise ValueError(
+                f"http.public_url: required ({why}); set the address the speaker reaches, "
+                f"e.g. http://192.168.1.5:8099, or ${ENV_PREFIX}HTTP__PUBLIC_URL"
+            )
+        if self.http.host in _LOOPBACK_HOSTS:
+            raise ValueError(
+                f"http.host: {self.http.host!r} is loopback, the speaker cannot reach it ({why}); "
+                "set it to the LAN address or 0.0.0.0 (and set http.token)"
+            )
+        if self.xiaomi.tts_http.engine == "http" and not self.xiaomi.tts_http.url:
+            raise ValueError(
+                'xiaomi.tts_http.url: required by xiaomi.tts = "url", e.g. '
+                "http://192.168.1.5:5000/tts?text={text}"
+            )
 
     @property
     def mqtt_enabled(self) -> bool:

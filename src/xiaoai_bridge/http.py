@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, SecretBytes, SecretStr
 
 from xiaoai_bridge import __version__
+from xiaoai_bridge.audio import AUDIO_PATH, NAME_RE
 from xiaoai_bridge.config import HttpSettings
 from xiaoai_bridge.errors import ConfigError
 from xiaoai_bridge.metrics import BridgeMetrics
@@ -276,6 +277,8 @@ class HttpServer:
         app.router.add_post("/api/ask", self._ask)
         app.router.add_post("/api/answering", self._answering)
         app.router.add_post("/api/forget", self._forget)
+        if self._service.audio is not None:
+            app.router.add_get(AUDIO_PATH + "{name}", self._audio)
         return app
 
     @web.middleware
@@ -305,7 +308,13 @@ class HttpServer:
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         token = self._settings.token
-        if token is None or request.path in _OPEN_PATHS or request.path.startswith(_STATIC_PREFIX):
+        if (
+            token is None
+            or request.path in _OPEN_PATHS
+            or request.path.startswith(_STATIC_PREFIX)
+            # A speaker cannot send a token; the clip's random name is its key.
+            or request.path.startswith(AUDIO_PATH)
+        ):
             return await handler(request)
         presented = _presented_token(request)
         challenge = {"WWW-Authenticate": 'Bearer realm="xiaoai-bridge"'}
@@ -335,6 +344,19 @@ class HttpServer:
             content_type=_ASSETS[name],
             charset="utf-8" if _ASSETS[name].startswith("text/") else None,
             headers=_PAGE_HEADERS,
+        )
+
+    async def _audio(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        store = self._service.audio
+        clip = store.get(name) if store is not None and NAME_RE.fullmatch(name) else None
+        if clip is None:
+            raise _Rejected(404, "no such audio clip (they expire a few minutes after playing)")
+        # A body of known length: some speakers cannot play a chunked response.
+        return web.Response(
+            body=clip.data,
+            content_type=clip.content_type,
+            headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
         )
 
     async def _healthz(self, request: web.Request) -> web.Response:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self
 
+from xiaoai_bridge.audio import AudioStore, AudioStoreError, audio_duration_s
+from xiaoai_bridge.clients.tts import TtsEngine, TtsError
 from xiaoai_bridge.clients.xiaomi.errors import XiaomiError
 from xiaoai_bridge.clients.xiaomi.mina import MinaClient
 from xiaoai_bridge.clients.xiaomi.miot import MiotClient, SpeakerActions, speaker_actions
@@ -41,7 +43,8 @@ DEFAULT_WAKE_TEXT = "小爱同学"
 # Chunks waiting per speaker; beyond this the oldest are dropped.
 MAX_QUEUED_CHUNKS = 64
 
-TtsRoute = Literal["auto", "mina", "miot"]
+TtsRoute = Literal["auto", "mina", "miot", "url"]
+Route = Literal["mina", "miot", "url"]
 SilenceMode = Literal["pause_stop", "pause", "stop", "none"]
 WakeMode = Literal["auto", "wake_up", "directive", "none"]
 
@@ -115,6 +118,8 @@ class XiaomiSink:
         name: str = SINK_NAME,
         models: Mapping[str, SpeakerActions] | None = None,
         tts: TtsRoute = "auto",
+        tts_engine: TtsEngine | None = None,
+        audio: AudioStore | None = None,
         silence: SilenceMode = "pause_stop",
         wake: WakeMode = "auto",
         wake_text: str = DEFAULT_WAKE_TEXT,
@@ -130,8 +135,12 @@ class XiaomiSink:
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         """`models` overrides the action table per hardware (e.g. "LX06"); `tts` forces a
-        route ("auto" follows the table's `prefer_miot_tts`); without `miot`, speech, the
-        play status and waking use MiNA only (no MIoT speech, no wake-up)."""
+        route ("auto" follows the table's `prefer_miot_tts`; "url" speaks through
+        `tts_engine`, serves the audio from `audio` and has the speaker play its URL, with
+        the speaker's own TTS as the fallback); without `miot`, speech, the play status and
+        waking use MiNA only (no MIoT speech, no wake-up)."""
+        if tts == "url" and (tts_engine is None or audio is None):
+            raise ValueError('tts="url" needs a tts_engine and an audio store')
         if chars_per_second <= 0:
             raise ValueError("chars_per_second must be positive")
         if status_poll_interval_s <= 0:
@@ -141,6 +150,8 @@ class XiaomiSink:
         self._name = name
         self._models = dict(models or {})
         self._tts = tts
+        self._tts_engine = tts_engine
+        self._audio = audio
         self._silence_mode = silence
         self._wake_mode = wake
         self._wake_text = wake_text
@@ -199,8 +210,14 @@ class XiaomiSink:
             actions=speaker_actions(hardware, self._models),
         )
 
-    def route(self, target: SpeakerTarget) -> Literal["mina", "miot"]:
-        """Which service speaks on this speaker."""
+    def route(self, target: SpeakerTarget) -> Route:
+        """Which way speech goes to this speaker."""
+        if self._tts == "url":
+            return "url"
+        return self._own_route(target)
+
+    def _own_route(self, target: SpeakerTarget) -> Literal["mina", "miot"]:
+        """Which service speaks with XiaoAi's own voice on this speaker."""
         can_miot = (
             self._miot is not None
             and bool(target.miot_did)
@@ -348,8 +365,21 @@ class XiaomiSink:
 
     async def _say(self, speaker: _Speaker, text: str) -> None:
         target = speaker.target
-        route = self.route(target)
         speaker.playing = None
+        if self._tts == "url":
+            played_s = await self._say_by_url(target, text)
+            if played_s is not None:
+                self.spoken += 1
+                speaker.playing = _Playing(sent_at=self._clock(), estimate_s=played_s)
+                _LOGGER.debug(
+                    "%s: playing %d chars on %s by URL (%.1f s)",
+                    self._name,
+                    len(text),
+                    target.label,
+                    played_s,
+                )
+                return
+        route = self._own_route(target)
         try:
             if route == "miot":
                 assert self._miot is not None  # checked by route()  # noqa: S101
@@ -378,6 +408,29 @@ class XiaomiSink:
             route,
             estimate,
         )
+
+    async def _say_by_url(self, target: SpeakerTarget, text: str) -> float | None:
+        """Speak through the external TTS; how long it plays, None if it could not."""
+        assert self._tts_engine is not None  # checked in __init__  # noqa: S101
+        assert self._audio is not None  # noqa: S101
+        try:
+            audio = await self._tts_engine.synthesize(text)
+            played_s = audio_duration_s(audio.data, audio.content_type)
+            if played_s is None:
+                # Not a format we can measure: XiaoAi's speech rate is the best guess.
+                played_s = estimate_speech_s(text, self._chars_per_second)
+            url = self._audio.put(audio.data, audio.content_type, plays_s=played_s)
+            await self._mina.play_audio(target.device_id, target.hardware, url)
+        except (TtsError, AudioStoreError, XiaomiError) as err:
+            # Never silence: the speaker's own voice says this sentence instead.
+            _LOGGER.warning(
+                "%s: external TTS for %s failed (%s); XiaoAi speaks this sentence itself",
+                self._name,
+                target.label,
+                err,
+            )
+            return None
+        return played_s
 
     async def _until_quiet(self, speaker: _Speaker) -> None:
         """Wait until the sentence last sent has been spoken."""

@@ -32,6 +32,15 @@ DEFAULT_MINA_USER_AGENT = (
 _MEDIA = "app_ios"
 _REQUEST_ID_LEN = 30
 _SERVICE = "MiNA"
+# Models that ignore player_play_url and play a URL only as a one-item music list
+# (research note, from xiaogpt's and mi-gpt's tables).
+PLAY_MUSIC_HARDWARE = frozenset(
+    {"LX04", "LX05", "L05B", "L05C", "L06", "L06A", "X08A", "X10A", "X08C", "X08E", "X8F"}
+    | {"X4B", "OH2", "OH2P", "X6A"}
+)
+# Fixed ids for that one-item list; the speaker needs some, not particular ones.
+_MUSIC_AUDIO_ID = "1582971365183456177"
+_MUSIC_CP_ID = "355454500"
 
 
 class PlayState(enum.IntEnum):
@@ -207,6 +216,49 @@ class MinaClient:
             "player_play_url",
             {"url": url, "type": 1 if music else 2, "media": _MEDIA},
         )
+
+    async def play_music_url(self, device_id: str, url: str) -> None:
+        """Play an audio URL as a one-item music list (player_play_music)."""
+        music = {
+            "payload": {
+                "audio_type": "MUSIC",
+                "audio_items": [
+                    {
+                        "item_id": {
+                            "audio_id": _MUSIC_AUDIO_ID,
+                            "cp": {
+                                "album_id": "-1",
+                                "episode_index": 0,
+                                "id": _MUSIC_CP_ID,
+                                "name": "xiaowei",
+                            },
+                        },
+                        "stream": {"url": url},
+                    }
+                ],
+                "list_params": {
+                    "listId": "-1",
+                    "loadmore_offset": 0,
+                    "origin": "xiaowei",
+                    "type": "MUSIC",
+                },
+            },
+            "play_behavior": "REPLACE_ALL",
+        }
+        await self.ubus(
+            device_id,
+            "mediaplayer",
+            "player_play_music",
+            {"startaudioid": _MUSIC_AUDIO_ID, "music": json.dumps(music)},
+        )
+
+    async def play_audio(self, device_id: str, hardware: str, url: str) -> None:
+        """Play an audio URL with the message this model understands."""
+        if hardware.upper() in PLAY_MUSIC_HARDWARE:
+            await self.play_music_url(device_id, url)
+        else:
+            # Type 1 is what xiaogpt's URL TTS uses.
+            await self.play_url(device_id, url, music=True)
 
     async def set_volume(self, device_id: str, volume: int) -> None:
         """Set the speaker volume (0-100)."""
