@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
+import io
 import json
 import secrets
 import time
 import uuid
+import wave
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -98,6 +102,25 @@ class FakeSpeaker:
     records: list[dict[str, Any]] = field(default_factory=list)  # oldest first
 
 
+@dataclass(frozen=True)
+class Fetch:
+    """An audio URL a fake speaker fetched, as a real one does after a play-URL call."""
+
+    time: float
+    device_id: str
+    url: str
+    status: int
+    data: bytes
+
+
+def _wav_seconds(data: bytes) -> float:
+    try:
+        with wave.open(io.BytesIO(data), "rb") as wav:
+            return wav.getnframes() / wav.getframerate()
+    except (wave.Error, EOFError, ZeroDivisionError):
+        return 0.0
+
+
 class FakeXiaomiCloud:
     """`async with FakeXiaomiCloud() as cloud:` serves on 127.0.0.1 on a free port."""
 
@@ -113,6 +136,9 @@ class FakeXiaomiCloud:
         self.calls: list[Call] = []
         self.ubus_calls: list[UbusCall] = []
         self.action_calls: list[ActionCall] = []
+        self.fetches: list[Fetch] = []
+        self._fetch_tasks: set[asyncio.Task[None]] = set()
+        self._client: aiohttp.ClientSession | None = None
         self.speakers: dict[str, FakeSpeaker] = {}
         self.properties: dict[tuple[str, int, int], Any] = {}
         self.pass_tokens: set[str] = set()
@@ -141,10 +167,17 @@ class FakeXiaomiCloud:
         await web.TCPSite(self._runner, "127.0.0.1", 0).start()
         port = self._runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}"
+        self._client = aiohttp.ClientSession()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._release.set()
+        for task in self._fetch_tasks:
+            task.cancel()
+        if self._fetch_tasks:
+            await asyncio.wait(self._fetch_tasks)
+        if self._client is not None:
+            await self._client.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -245,6 +278,18 @@ class FakeXiaomiCloud:
             for call in self.ubus_calls
             if call.method == "player_play_operation" and device_id in (None, call.device_id)
         ]
+
+    def played_urls(self, device_id: str | None = None) -> list[str]:
+        """URLs sent to player_play_url or player_play_music, in order."""
+        urls = []
+        for call in self.ubus_calls:
+            if device_id not in (None, call.device_id):
+                continue
+            if call.method == "player_play_url":
+                urls.append(str(call.message.get("url")))
+            elif call.method == "player_play_music":
+                urls.append(_music_url(call.message))
+        return urls
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -478,6 +523,14 @@ class FakeXiaomiCloud:
             speaker.status = 1
             text = str(message.get("text", ""))
             speaker.playing_until = self.clock() + len(text) * self.seconds_per_char
+        elif method in ("player_play_url", "player_play_music"):
+            url = message.get("url") if method == "player_play_url" else _music_url(message)
+            # Playing from now on; how long is known once the speaker has the file.
+            speaker.status = 1
+            speaker.playing_until = None
+            task = asyncio.create_task(self._fetch(speaker, str(url)))
+            self._fetch_tasks.add(task)
+            task.add_done_callback(self._fetch_tasks.discard)
         elif method == "player_play_operation":
             action = message.get("action")
             speaker.status = {"pause": 2, "stop": 3, "play": 1}.get(str(action), speaker.status)
@@ -490,6 +543,18 @@ class FakeXiaomiCloud:
         # `info` is a JSON string, written with spaces as the real one is.
         data = {"code": 0, "info": json.dumps(info)}
         return web.json_response({"code": 0, "message": _UBUS_OK, "data": data})
+
+    async def _fetch(self, speaker: FakeSpeaker, url: str) -> None:
+        """Download the audio as the speaker would and play it for the WAV's length."""
+        assert self._client is not None
+        status, data = 0, b""
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with self._client.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                status, data = resp.status, await resp.read()
+        self.fetches.append(Fetch(self.clock(), speaker.device_id, url, status, data))
+        if speaker.status == 1 and speaker.playing_until is None:
+            seconds = _wav_seconds(data) if status == 200 else 0.0
+            speaker.playing_until = self.clock() + seconds
 
     def _settle(self, speaker: FakeSpeaker) -> None:
         if (
@@ -619,3 +684,9 @@ class FakeXiaomiCloud:
             }
             for speaker in self.speakers.values()
         ]
+
+
+def _music_url(message: dict[str, Any]) -> str:
+    """The stream URL inside player_play_music's `music` JSON string."""
+    music = json.loads(str(message.get("music", "{}")))
+    return str(music["payload"]["audio_items"][0]["stream"]["url"])
