@@ -58,6 +58,7 @@ def write_config(tmp_path: Path, broker_url: str, llm: FakeOpenAI) -> Path:
         "max_retries = 0\n",
         encoding="utf-8",
     )
+    path.chmod(0o600)  # it holds a key
     return path
 
 

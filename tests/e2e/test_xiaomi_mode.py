@@ -169,6 +169,7 @@ def cli_config(tmp_path: Path, cloud: FakeXiaomiCloud, *, password: str) -> Path
         f'[xiaomi]\naccount = "{cloud.account}"\npassword = "{password}"\n'
         f"[xiaomi.endpoints]\n{endpoints}\n"
     )
+    config.chmod(0o600)  # it holds a password
     return config
 
 
