@@ -26,6 +26,47 @@ MAX_PENDING_MSG = 4096
 LOCAL_ZONE = timezone(timedelta(hours=8))
 CONVERSATION_ENTITY_CLASS = "XiaoaiConversationSensor"
 AUTH_TIMEOUT_S = 10.0
+# Integrations `get_config` lists. No "tag" and no "nodered": Node-RED's HA nodes would then
+# also ask for `tag/list` and `nodered/version`, which this fake does not serve.
+COMPONENTS = ("api", "http", "media_player", "notify", "sensor", "text", "websocket_api")
+# `config/*_registry/list` commands; every registry is empty here.
+REGISTRY_LISTS = frozenset(
+    f"config/{name}_registry/list" for name in ("area", "device", "entity", "floor", "label")
+)
+# hass-xiaomi-miot's services.yaml for intelligent_speaker: the speaker is a field, not a target.
+SPEAKER_FIELDS: dict[str, Any] = {
+    "entity_id": {
+        "description": "ID of the entity.",
+        "example": "media_player.xiaoai_x08c",
+        "required": True,
+        "selector": {"entity": {"integration": "xiaomi_miot", "domain": "media_player"}},
+    },
+    "text": {
+        "description": "Text content.",
+        "example": "Turn on light",
+        "required": True,
+        "selector": {"text": None},
+    },
+    "execute": {
+        "description": "Execute text directive.",
+        "default": False,
+        "example": True,
+        "selector": {"boolean": None},
+    },
+    "silent": {
+        "description": "Silent execution.",
+        "default": False,
+        "example": False,
+        "selector": {"boolean": None},
+    },
+    "throw": {
+        "description": "Throw result.",
+        "default": False,
+        "example": False,
+        "selector": {"boolean": None},
+    },
+}
+PLAYER_TARGET: dict[str, Any] = {"entity": [{"domain": ["media_player"]}]}
 
 ResponseMode = Literal["none", "optional", "only"]
 ServiceHandler = Callable[["RecordedCall"], Any]
@@ -65,6 +106,21 @@ class _Service:
     supports_response: ResponseMode
     handler: ServiceHandler | None = None
     error: tuple[str, str] | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    target: dict[str, Any] | None = None
+
+    def description(self) -> dict[str, Any]:
+        """This service's entry in `get_services`, as HA builds it from services.yaml."""
+        described: dict[str, Any] = {
+            "name": "",
+            "description": "",
+            "fields": copy.deepcopy(self.fields),
+        }
+        if self.target is not None:
+            described["target"] = copy.deepcopy(self.target)
+        if self.supports_response != "none":
+            described["response"] = {"optional": self.supports_response == "optional"}
+        return described
 
 
 @dataclass(frozen=True)
@@ -85,6 +141,8 @@ class _Client:
     coalesce: bool = False
     last_id: int = 0
     subscriptions: dict[int, str | None] = field(default_factory=dict)
+    # subscribe_entities: id -> the entity ids asked for (None: all).
+    entity_subscriptions: dict[int, frozenset[str] | None] = field(default_factory=dict)
     dropped: bool = False
 
 
@@ -107,6 +165,58 @@ def _error(msg_id: Any, code: str, message: str) -> dict[str, Any]:
 
 def _result(msg_id: int, result: Any = None) -> dict[str, Any]:
     return {"id": msg_id, "type": "result", "success": True, "result": result}
+
+
+def _timestamp(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def compressed_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A state in `subscribe_entities` form: s, a, c, lc (and lu when it differs)."""
+    context = state["context"]
+    compressed: dict[str, Any] = {
+        "s": state["state"],
+        "a": state["attributes"],
+        # A bare context id unless the context has a parent or a user.
+        "c": context["id"]
+        if context.get("parent_id") is None and context.get("user_id") is None
+        else dict(context),
+        "lc": _timestamp(state["last_changed"]),
+    }
+    if state["last_updated"] != state["last_changed"]:
+        compressed["lu"] = _timestamp(state["last_updated"])
+    return compressed
+
+
+def state_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """What changed between two states, as `subscribe_entities` sends it ("+" and "-")."""
+    added: dict[str, Any] = {}
+    diff: dict[str, Any] = {"+": added}
+    if old["state"] != new["state"]:
+        added["s"] = new["state"]
+    if old["last_changed"] != new["last_changed"]:
+        added["lc"] = _timestamp(new["last_changed"])
+    elif old["last_updated"] != new["last_updated"]:
+        added["lu"] = _timestamp(new["last_updated"])
+    old_context, new_context = old["context"], new["context"]
+    context: dict[str, Any] = {
+        key: new_context.get(key)
+        for key in ("parent_id", "user_id")
+        if old_context.get(key) != new_context.get(key)
+    }
+    if old_context["id"] != new_context["id"]:
+        if context:
+            context["id"] = new_context["id"]
+        else:
+            added["c"] = new_context["id"]
+    if context:
+        added["c"] = context
+    old_attrs, new_attrs = old["attributes"], new["attributes"]
+    if changed := {k: v for k, v in new_attrs.items() if k not in old_attrs or old_attrs[k] != v}:
+        added["a"] = changed
+    if removed := [k for k in old_attrs if k not in new_attrs]:
+        diff["-"] = {"a": removed}
+    return diff
 
 
 def conversation_timestamp(when: datetime | float | None = None) -> str:
@@ -151,6 +261,8 @@ class FakeHomeAssistant:
         self.frames_sent = 0
         self.array_frames_sent = 0
         self.clients_dropped = 0
+        # Every HTTP request as "METHOD /path" (the websocket upgrade included).
+        self.http_requests: list[str] = []
         self.service_hooks: list[Callable[[RecordedCall], Awaitable[None] | None]] = []
         self._clients: set[_Client] = set()
         self._services: dict[tuple[str, str], _Service] = {}
@@ -195,7 +307,7 @@ class FakeHomeAssistant:
 
     async def start(self) -> None:
         """Listen on 127.0.0.1 (a free port first, the same port after a restart)."""
-        app = web.Application()
+        app = web.Application(middlewares=[self._record_request])
         app.router.add_get(WEBSOCKET_PATH, self._handle)
         runner = web.AppRunner(app, shutdown_timeout=0.5)
         await runner.setup()
@@ -204,6 +316,13 @@ class FakeHomeAssistant:
         if self.port == 0:
             self.port = int(runner.addresses[0][1])
         self._runner = runner
+
+    @web.middleware
+    async def _record_request(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        self.http_requests.append(f"{request.method} {request.path}")
+        return await handler(request)
 
     async def stop(self) -> None:
         """Drop every client and stop listening."""
@@ -283,9 +402,10 @@ class FakeHomeAssistant:
         self, event_type: str, data: Mapping[str, Any], *, context: Mapping[str, Any] | None = None
     ) -> None:
         """Fire an event on the bus to every subscriber."""
+        copied = copy.deepcopy(dict(data))
         event = {
             "event_type": event_type,
-            "data": copy.deepcopy(dict(data)),
+            "data": copied,
             "origin": "LOCAL",
             "time_fired": _now_iso(),
             "context": dict(context) if context is not None else _context(),
@@ -294,6 +414,21 @@ class FakeHomeAssistant:
             for sub_id, sub_type in client.subscriptions.items():
                 if sub_type is None or sub_type == event_type:
                     self._send(client, {"id": sub_id, "type": "event", "event": event})
+        if event_type == "state_changed":
+            self._forward_entity_changes(copied)
+
+    def _forward_entity_changes(self, data: Mapping[str, Any]) -> None:
+        entity_id, old, new = data.get("entity_id"), data.get("old_state"), data.get("new_state")
+        if new is None:
+            change: dict[str, Any] = {"r": [entity_id]}
+        elif old is None:
+            change = {"a": {entity_id: compressed_state(new)}}
+        else:
+            change = {"c": {entity_id: state_diff(old, new)}}
+        for client in list(self._clients):
+            for sub_id, wanted in client.entity_subscriptions.items():
+                if wanted is None or entity_id in wanted:
+                    self._send(client, {"id": sub_id, "type": "event", "event": change})
 
     def add_speaker(
         self, suffix: str = "dea6", *, model: str = "lx06", name: str | None = None
@@ -403,9 +538,19 @@ class FakeHomeAssistant:
         *,
         supports_response: ResponseMode = "none",
         handler: ServiceHandler | None = None,
+        fields: Mapping[str, Any] | None = None,
+        target: Mapping[str, Any] | None = None,
     ) -> None:
-        """Make a service callable; `handler` computes its response (and side effects)."""
-        self._services[(domain, service)] = _Service(supports_response, handler)
+        """Make a service callable; `handler` computes its response (and side effects).
+
+        `fields` and `target` are its services.yaml description, listed by `get_services`.
+        """
+        self._services[(domain, service)] = _Service(
+            supports_response,
+            handler,
+            fields=dict(fields or {}),
+            target=dict(target) if target is not None else None,
+        )
 
     def fail_service(
         self,
@@ -468,11 +613,22 @@ class FakeHomeAssistant:
             "intelligent_speaker",
             supports_response="optional",
             handler=speaker_response,
+            fields=SPEAKER_FIELDS,
         )
-        self.register_service("xiaomi_miot", "xiaoai_wakeup", supports_response="optional")
-        self.register_service("media_player", "media_pause", handler=player_service("paused"))
-        self.register_service("media_player", "media_stop", handler=player_service("idle"))
-        self.register_service("media_player", "media_play", handler=player_service("playing"))
+        self.register_service(
+            "xiaomi_miot",
+            "xiaoai_wakeup",
+            supports_response="optional",
+            fields={key: SPEAKER_FIELDS[key] for key in ("entity_id", "text")},
+        )
+        for service, state in (
+            ("media_pause", "paused"),
+            ("media_stop", "idle"),
+            ("media_play", "playing"),
+        ):
+            self.register_service(
+                "media_player", service, handler=player_service(state), target=PLAYER_TARGET
+            )
         self.register_service("notify", "send_message")
         self.register_service("text", "set_value")
 
@@ -583,7 +739,13 @@ class FakeHomeAssistant:
             "unsubscribe_events": self._cmd_unsubscribe_events,
             "get_states": self._cmd_get_states,
             "call_service": self._cmd_call_service,
+            "auth/current_user": self._cmd_current_user,
+            "get_config": self._cmd_get_config,
+            "get_services": self._cmd_get_services,
+            "subscribe_entities": self._cmd_subscribe_entities,
         }.get(kind)
+        if handler is None and kind in REGISTRY_LISTS:
+            handler = self._cmd_registry_list
         if handler is None:
             self._send_error(client, cur_id, "unknown_command", "Unknown command.")
             return
@@ -617,11 +779,88 @@ class FakeHomeAssistant:
         if subscription in client.subscriptions:
             del client.subscriptions[subscription]
             self._send(client, _result(msg_id))
+        elif subscription in client.entity_subscriptions:
+            del client.entity_subscriptions[subscription]
+            self._send(client, _result(msg_id))
         else:
             self._send_error(client, msg_id, "not_found", "Subscription not found.")
 
     async def _cmd_get_states(self, client: _Client, msg_id: int, msg: dict[str, Any]) -> None:
         self._send(client, _result(msg_id, list(self.states.values())))
+
+    async def _cmd_current_user(self, client: _Client, msg_id: int, msg: dict[str, Any]) -> None:
+        # The owner's long-lived token: an admin (Node-RED's HA nodes refuse non-admins).
+        user = {
+            "id": "0d2d7c3b5e6f4a1b9c8d7e6f5a4b3c2d",
+            "name": "Owner",
+            "is_owner": True,
+            "is_admin": True,
+            "credentials": [{"auth_provider_type": "homeassistant", "auth_provider_id": None}],
+            "mfa_modules": [{"id": "totp", "name": "Authenticator app", "enabled": False}],
+        }
+        self._send(client, _result(msg_id, user))
+
+    async def _cmd_get_config(self, client: _Client, msg_id: int, msg: dict[str, Any]) -> None:
+        config = {
+            "latitude": 31.23,
+            "longitude": 121.47,
+            "elevation": 4,
+            "radius": 100,
+            "unit_system": {
+                "length": "km",
+                "accumulated_precipitation": "mm",
+                "area": "m²",
+                "mass": "g",
+                "pressure": "Pa",
+                "temperature": "°C",
+                "volume": "L",
+                "wind_speed": "m/s",
+            },
+            "location_name": "Home",
+            "time_zone": "Asia/Shanghai",
+            "components": list(COMPONENTS),
+            "config_dir": "/config",
+            "allowlist_external_dirs": ["/config/www", "/media"],
+            "allowlist_external_urls": [],
+            "version": self.ha_version,
+            "config_source": "storage",
+            "recovery_mode": False,
+            "state": "RUNNING",
+            "external_url": None,
+            "internal_url": None,
+            "currency": "CNY",
+            "country": "CN",
+            "language": "zh-Hans",
+            "safe_mode": False,
+            "debug": False,
+        }
+        self._send(client, _result(msg_id, config))
+
+    async def _cmd_get_services(self, client: _Client, msg_id: int, msg: dict[str, Any]) -> None:
+        described: dict[str, dict[str, Any]] = {}
+        for (domain, service), registered in sorted(self._services.items()):
+            described.setdefault(domain, {})[service] = registered.description()
+        self._send(client, _result(msg_id, described))
+
+    async def _cmd_registry_list(self, client: _Client, msg_id: int, msg: dict[str, Any]) -> None:
+        self._send(client, _result(msg_id, []))
+
+    async def _cmd_subscribe_entities(
+        self, client: _Client, msg_id: int, msg: dict[str, Any]
+    ) -> None:
+        entity_ids = msg.get("entity_ids")
+        if isinstance(entity_ids, str):
+            entity_ids = [part.strip() for part in entity_ids.split(",")]
+        wanted = frozenset(entity_ids) if isinstance(entity_ids, list) and entity_ids else None
+        client.entity_subscriptions[msg_id] = wanted
+        self._send(client, _result(msg_id))
+        # Then every current state at once, as additions.
+        initial = {
+            entity_id: compressed_state(state)
+            for entity_id, state in self.states.items()
+            if wanted is None or entity_id in wanted
+        }
+        self._send(client, {"id": msg_id, "type": "event", "event": {"a": initial}})
 
     async def _cmd_call_service(self, client: _Client, msg_id: int, msg: dict[str, Any]) -> None:
         domain, service = msg.get("domain"), msg.get("service")
