@@ -436,6 +436,8 @@ class HttpServer:
         if not isinstance(enabled, bool):
             raise _Rejected(400, '"enabled" must be true or false')
         self._service.pipeline.enabled = enabled
+        if self._service.discovery is not None:
+            self._service.discovery.publish_answering()  # keep HA's switch in step
         _LOGGER.info("answering switched %s over HTTP", "on" if enabled else "off")
         self.log.publish("answering", {"enabled": enabled})
         return web.json_response({"enabled": enabled})

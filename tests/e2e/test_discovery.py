@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiomqtt
 
 from tests.conftest import WAIT_S, Probe, make_settings
@@ -413,3 +414,20 @@ def test_truncate_keeps_short_text_and_marks_cuts() -> None:
     cut = truncate("长" * 300, 255)
     assert len(cut) == 255
     assert cut.endswith("…")
+
+
+async def test_answering_switched_on_the_status_page_shows_in_home_assistant(
+    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI
+) -> None:
+    settings = make_settings(tmp_path, mosquitto, llm)
+    async with home_assistant(mosquitto) as ha, running(settings) as service:
+        switch = await ha.config("switch", "answering")
+        assert await ha.value(switch["state_topic"]) == b"ON"
+        assert service.http is not None
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{service.http.url}api/answering", json={"enabled": False}) as response,
+        ):
+            assert response.status == 200
+        await ha.value(switch["state_topic"], b"OFF")
+        assert service.pipeline.enabled is False
