@@ -99,6 +99,8 @@ class FakeSpeaker:
     volume: int = 50
     status: int = 0
     playing_until: float | None = None
+    # The device's LAN (miio) token, which the MIoT device list always carries.
+    miot_token: str = field(default_factory=lambda: secrets.token_hex(16))
     records: list[dict[str, Any]] = field(default_factory=list)  # oldest first
 
 
@@ -678,6 +680,7 @@ class FakeXiaomiCloud:
                 "did": speaker.miot_did,
                 "name": speaker.name,
                 "model": f"xiaomi.wifispeaker.{speaker.hardware.lower()}",
+                "token": speaker.miot_token,
                 "localip": "192.168.1.50",
                 "mac": "AA:BB:CC:DD:EE:FF",
                 "isOnline": speaker.presence == "online",
