@@ -154,6 +154,45 @@ async def test_wrong_password_fails_the_library_way(
         await MiNAService(account).device_list()
 
 
+@pytest.mark.parametrize("failure", ["captcha", "verification"])
+async def test_risk_control_fails_the_login(
+    cloud: FakeXiaomiCloud, session: LoopbackSession, tmp_path: Path, failure: str
+) -> None:
+    cloud.login_failure = failure
+    token_file = tmp_path / ".mi.token"
+    account = _account(session, cloud, token_file)
+
+    # 87001 has no `qs`, a 2FA answer no `userId`: MiService gives up with False either way.
+    assert await account.login("micoapi") is False
+    assert not token_file.exists()
+    assert cloud.service_tokens == {}
+    # Captcha stops before the password is sent; the 2FA answer comes after it.
+    assert cloud.password_logins == (0 if failure == "captcha" else 1)
+
+
+async def test_pasted_pass_token_logs_in_without_the_password(
+    cloud: FakeXiaomiCloud, session: LoopbackSession, tmp_path: Path
+) -> None:
+    # What MiService's mi_token_gen.py writes from browser cookies: no service tokens yet.
+    pass_token = "V1:pasted-from-the-browser"
+    cloud.pass_tokens.add(pass_token)
+    token_file = tmp_path / ".mi.token"
+    token_file.write_text(
+        json.dumps(
+            {"deviceId": "ABCDEFGHIJ012345", "userId": cloud.user_id, "passToken": pass_token}
+        )
+    )
+    account = _account(session, cloud, token_file, password="unknown")
+
+    devices = await MiNAService(account).device_list()
+
+    assert [device["deviceID"] for device in devices] == [cloud.speaker.device_id]
+    assert cloud.password_logins == 0
+    token = json.loads(token_file.read_text())
+    assert token["passToken"] == pass_token  # a passToken login hands back the same one
+    assert cloud.service_tokens[token["micoapi"][1]][0] == "micoapi"
+
+
 async def test_mina_lists_speakers_speaks_and_pauses(
     cloud: FakeXiaomiCloud, session: LoopbackSession, tmp_path: Path
 ) -> None:
