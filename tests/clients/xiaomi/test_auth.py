@@ -8,14 +8,12 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.fakes.xiaomi_cloud import ACCOUNT, STS, FakeXiaomiCloud
-from xiaoai_bridge.clients.xiaomi import new_session
 from xiaoai_bridge.clients.xiaomi.auth import (
     SID_MINA,
     SID_MIOT,
@@ -35,18 +33,6 @@ from xiaoai_bridge.clients.xiaomi.errors import (
     XiaomiServerError,
 )
 from xiaoai_bridge.errors import BridgeError
-
-
-@pytest.fixture
-async def cloud() -> AsyncIterator[FakeXiaomiCloud]:
-    async with FakeXiaomiCloud() as fake:
-        yield fake
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with new_session() as http:
-        yield http
 
 
 @pytest.fixture

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.fakes.xiaomi_cloud import ACCOUNT, MINA, STS, FakeXiaomiCloud
-from xiaoai_bridge.clients.xiaomi import new_session
 from xiaoai_bridge.clients.xiaomi.auth import XiaomiAuth
 from xiaoai_bridge.clients.xiaomi.errors import (
     XiaomiApiError,
@@ -20,29 +17,6 @@ from xiaoai_bridge.clients.xiaomi.errors import (
     XiaomiUnavailableError,
 )
 from xiaoai_bridge.clients.xiaomi.mina import MinaClient, PlayState, parse_play_status
-
-
-@pytest.fixture
-async def cloud() -> AsyncIterator[FakeXiaomiCloud]:
-    async with FakeXiaomiCloud() as fake:
-        yield fake
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with new_session() as http:
-        yield http
-
-
-@pytest.fixture
-def auth(cloud: FakeXiaomiCloud, session: aiohttp.ClientSession, tmp_path: Path) -> XiaomiAuth:
-    return XiaomiAuth(
-        session,
-        account=cloud.account,
-        password=cloud.password,
-        token_path=tmp_path / "token.json",
-        base_url=cloud.endpoints["account"],
-    )
 
 
 @pytest.fixture

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.fakes.xiaomi_cloud import MIOT, FakeXiaomiCloud
-from xiaoai_bridge.clients.xiaomi import new_session
 from xiaoai_bridge.clients.xiaomi.auth import SID_MIOT, XiaomiAuth, cookie_header
 from xiaoai_bridge.clients.xiaomi.errors import TokenExpiredError, XiaomiApiError
 from xiaoai_bridge.clients.xiaomi.miot import (
@@ -25,29 +23,6 @@ from xiaoai_bridge.clients.xiaomi.miot import (
     signed_form,
     speaker_actions,
 )
-
-
-@pytest.fixture
-async def cloud() -> AsyncIterator[FakeXiaomiCloud]:
-    async with FakeXiaomiCloud() as fake:
-        yield fake
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with new_session() as http:
-        yield http
-
-
-@pytest.fixture
-def auth(cloud: FakeXiaomiCloud, session: aiohttp.ClientSession, tmp_path: Path) -> XiaomiAuth:
-    return XiaomiAuth(
-        session,
-        account=cloud.account,
-        password=cloud.password,
-        token_path=tmp_path / "token.json",
-        base_url=cloud.endpoints["account"],
-    )
 
 
 @pytest.fixture
