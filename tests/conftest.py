@@ -14,6 +14,7 @@ import aiomqtt
 import pytest
 from pydantic import SecretStr
 
+from tests.fakes.homeassistant_server import FakeHomeAssistant
 from tests.fakes.mosquitto import Mosquitto
 from tests.fakes.openai_server import FakeOpenAI
 from xiaoai_bridge.app import run_service
@@ -28,6 +29,13 @@ async def mosquitto() -> AsyncIterator[Mosquitto]:
     """A real broker on a free loopback port."""
     async with Mosquitto() as broker:
         yield broker
+
+
+@pytest.fixture
+async def ha() -> AsyncIterator[FakeHomeAssistant]:
+    """A fake Home Assistant websocket API on a free loopback port."""
+    async with FakeHomeAssistant() as server:
+        yield server
 
 
 @pytest.fixture

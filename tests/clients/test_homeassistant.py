@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -30,12 +29,6 @@ from xiaoai_bridge.errors import BridgeError, ConfigError
 from xiaoai_bridge.reconnect import ConnectionState, ReconnectPolicy
 
 _LOGGER = logging.getLogger(__name__)
-
-
-@pytest.fixture
-async def ha() -> AsyncIterator[FakeHomeAssistant]:
-    async with FakeHomeAssistant() as server:
-        yield server
 
 
 def fast_policy() -> ReconnectPolicy:

@@ -23,12 +23,6 @@ from xiaoai_bridge.pipeline.pipeline import CONTINUOUS_ON_REPLY
 FAST = 200.0  # characters per second: keeps pacing real but the suite quick
 
 
-@pytest.fixture
-async def ha() -> AsyncIterator[FakeHomeAssistant]:
-    async with FakeHomeAssistant() as server:
-        yield server
-
-
 def ha_settings(
     tmp_path: Path, ha: FakeHomeAssistant, llm: FakeOpenAI, **ha_values: object
 ) -> Settings:

@@ -285,12 +285,6 @@ async def run_node_red(
 
 
 @pytest.fixture
-async def ha() -> AsyncIterator[FakeHomeAssistant]:
-    async with FakeHomeAssistant() as server:
-        yield server
-
-
-@pytest.fixture
 def speaker(ha: FakeHomeAssistant) -> FakeSpeaker:
     return ha.add_speaker()
 

@@ -11,12 +11,6 @@ import pytest
 from tests.fakes.homeassistant_server import DEFAULT_TOKEN, FakeHomeAssistant
 
 
-@pytest.fixture
-async def ha() -> AsyncIterator[FakeHomeAssistant]:
-    async with FakeHomeAssistant() as server:
-        yield server
-
-
 class Socket:
     """An authenticated raw websocket with increasing ids."""
 

@@ -33,12 +33,6 @@ TEN = "一二三四五六七八九十"
 
 
 @pytest.fixture
-async def ha() -> AsyncIterator[FakeHomeAssistant]:
-    async with FakeHomeAssistant() as server:
-        yield server
-
-
-@pytest.fixture
 async def client(ha: FakeHomeAssistant) -> AsyncIterator[HomeAssistantClient]:
     policy = ReconnectPolicy(
         name="homeassistant", logger=_LOGGER, initial_delay_s=0.01, max_delay_s=0.05

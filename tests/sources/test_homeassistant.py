@@ -30,12 +30,6 @@ _LOGGER = logging.getLogger(__name__)
 
 
 @pytest.fixture
-async def ha() -> AsyncIterator[FakeHomeAssistant]:
-    async with FakeHomeAssistant() as server:
-        yield server
-
-
-@pytest.fixture
 async def client(ha: FakeHomeAssistant) -> AsyncIterator[HomeAssistantClient]:
     policy = ReconnectPolicy(
         name="homeassistant", logger=_LOGGER, initial_delay_s=0.01, max_delay_s=0.05
