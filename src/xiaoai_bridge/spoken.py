@@ -5,13 +5,14 @@ from __future__ import annotations
 import unicodedata
 
 
-def _is_wide(char: str) -> bool:
+def is_wide(char: str) -> bool:
+    """True for full-width characters (CJK): no spaces around them, about a token each."""
     return unicodedata.east_asian_width(char) in "WF"
 
 
 def join_spoken(first: str, second: str) -> str:
     """Join two sentences: no space next to CJK, one space between Western text."""
-    if first and second and not _is_wide(first[-1]) and not _is_wide(second[0]):
+    if first and second and not is_wide(first[-1]) and not is_wide(second[0]):
         return f"{first} {second}"
     return first + second
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sqlite3
 import time
-import unicodedata
 from pathlib import Path
 
 from xiaoai_bridge.llm.base import ChatMessage
+from xiaoai_bridge.spoken import is_wide
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS turns (
@@ -23,7 +23,7 @@ CREATE INDEX IF NOT EXISTS turns_by_device ON turns (device, id);
 
 def estimate_tokens(text: str) -> int:
     """Rough token count: a CJK character is about one token, other text about four chars."""
-    wide = sum(1 for char in text if unicodedata.east_asian_width(char) in "WF")
+    wide = sum(1 for char in text if is_wide(char))
     return wide + (len(text) - wide + 3) // 4
 
 
