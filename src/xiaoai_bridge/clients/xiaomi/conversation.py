@@ -12,13 +12,9 @@ from typing import Any
 
 import aiohttp
 
-from xiaoai_bridge.clients.xiaomi.auth import (
-    SID_MINA,
-    ServiceCredentials,
-    XiaomiAuth,
-    cookie_header,
-)
-from xiaoai_bridge.clients.xiaomi.errors import XiaomiApiError, check_status, network_errors
+from xiaoai_bridge.clients.xiaomi.auth import SID_MINA, ServiceCredentials, XiaomiAuth
+from xiaoai_bridge.clients.xiaomi.errors import XiaomiApiError
+from xiaoai_bridge.clients.xiaomi.transport import Outgoing, ServiceTransport
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -137,11 +133,15 @@ class ConversationClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         user_agent: str = DEFAULT_USER_AGENT,
     ) -> None:
-        self._session = session
-        self._auth = auth
-        self._base_url = base_url.rstrip("/")
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._user_agent = user_agent
+        self._transport = ServiceTransport(
+            session,
+            auth,
+            service=_SERVICE,
+            sid=SID_MINA,
+            base_url=base_url,
+            timeout_s=timeout_s,
+            user_agent=user_agent,
+        )
 
     async def fetch(
         self,
@@ -158,24 +158,15 @@ class ConversationClient:
         if timestamp_ms is not None:
             params["timestamp"] = str(timestamp_ms)
 
-        async def request(creds: ServiceCredentials) -> ConversationPage:
+        def build(creds: ServiceCredentials) -> Outgoing:
             cookies = {
                 "userId": creds.user_id,
                 "serviceToken": creds.service_token,
                 "deviceId": device_id,
             }
-            headers = {"User-Agent": self._user_agent, "Cookie": cookie_header(cookies)}
-            with network_errors(_SERVICE):
-                async with self._session.get(
-                    f"{self._base_url}{_PATH}",
-                    params=params,
-                    headers=headers,
-                    timeout=self._timeout,
-                ) as resp:
-                    check_status(_SERVICE, resp.status)
-                    return parse_conversation(await resp.text())
+            return Outgoing(cookies=cookies, params=params)
 
-        return await self._auth.call(SID_MINA, request)
+        return await self._transport.request("GET", _PATH, build, parse_conversation)
 
 
 class ConversationCursor:

@@ -12,13 +12,9 @@ from typing import Any
 
 import aiohttp
 
-from xiaoai_bridge.clients.xiaomi.auth import (
-    SID_MINA,
-    ServiceCredentials,
-    XiaomiAuth,
-    cookie_header,
-)
-from xiaoai_bridge.clients.xiaomi.errors import XiaomiApiError, check_status, network_errors
+from xiaoai_bridge.clients.xiaomi.auth import SID_MINA, ServiceCredentials, XiaomiAuth
+from xiaoai_bridge.clients.xiaomi.errors import XiaomiApiError
+from xiaoai_bridge.clients.xiaomi.transport import Outgoing, ServiceTransport
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -132,27 +128,24 @@ class MinaClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         user_agent: str = DEFAULT_MINA_USER_AGENT,
     ) -> None:
-        self._session = session
-        self._auth = auth
-        self._base_url = base_url.rstrip("/")
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._user_agent = user_agent
+        self._transport = ServiceTransport(
+            session,
+            auth,
+            service=_SERVICE,
+            sid=SID_MINA,
+            base_url=base_url,
+            timeout_s=timeout_s,
+            user_agent=user_agent,
+        )
 
     async def device_list(self) -> list[MinaDevice]:
         """Every speaker on the account (shared devices are not listed by Xiaomi)."""
 
-        async def request(creds: ServiceCredentials) -> object:
-            with network_errors(_SERVICE):
-                async with self._session.get(
-                    f"{self._base_url}/admin/v2/device_list",
-                    params={"master": "0", "requestId": new_request_id()},
-                    headers=self._headers(creds),
-                    timeout=self._timeout,
-                ) as resp:
-                    check_status(_SERVICE, resp.status)
-                    return _envelope_data(await resp.text())
+        def build(creds: ServiceCredentials) -> Outgoing:
+            params = {"master": "0", "requestId": new_request_id()}
+            return Outgoing(cookies=_cookies(creds), params=params)
 
-        data = await self._auth.call(SID_MINA, request)
+        data = await self._transport.request("GET", "/admin/v2/device_list", build, _envelope_data)
         if not isinstance(data, list):
             raise XiaomiApiError(_SERVICE, "bad_response", "device_list data is not a list")
         return [parse_device(item) for item in data if isinstance(item, dict)]
@@ -169,19 +162,11 @@ class MinaClient:
             "message": json.dumps(message, ensure_ascii=False),
         }
 
-        async def request(creds: ServiceCredentials) -> object:
-            with network_errors(_SERVICE):
-                async with self._session.post(
-                    f"{self._base_url}/remote/ubus",
-                    data={**form, "requestId": new_request_id()},
-                    headers=self._headers(creds),
-                    timeout=self._timeout,
-                ) as resp:
-                    check_status(_SERVICE, resp.status)
-                    return _envelope_data(await resp.text())
+        def build(creds: ServiceCredentials) -> Outgoing:
+            return Outgoing(cookies=_cookies(creds), form={**form, "requestId": new_request_id()})
 
         _LOGGER.debug("ubus %s %s", path, method)
-        return await self._auth.call(SID_MINA, request)
+        return await self._transport.request("POST", "/remote/ubus", build, _envelope_data)
 
     async def text_to_speech(self, device_id: str, text: str) -> None:
         """Speak `text` with XiaoAi's cloud TTS."""
@@ -266,9 +251,9 @@ class MinaClient:
             device_id, "mediaplayer", "player_set_volume", {"volume": volume, "media": _MEDIA}
         )
 
-    def _headers(self, creds: ServiceCredentials) -> dict[str, str]:
-        cookies = {"userId": creds.user_id, "serviceToken": creds.service_token}
-        return {"User-Agent": self._user_agent, "Cookie": cookie_header(cookies)}
+
+def _cookies(creds: ServiceCredentials) -> dict[str, str]:
+    return {"userId": creds.user_id, "serviceToken": creds.service_token}
 
 
 def _envelope_data(text: str) -> Any:

@@ -15,18 +15,9 @@ from typing import Any
 
 import aiohttp
 
-from xiaoai_bridge.clients.xiaomi.auth import (
-    SID_MIOT,
-    ServiceCredentials,
-    XiaomiAuth,
-    cookie_header,
-)
-from xiaoai_bridge.clients.xiaomi.errors import (
-    TokenExpiredError,
-    XiaomiApiError,
-    check_status,
-    network_errors,
-)
+from xiaoai_bridge.clients.xiaomi.auth import SID_MIOT, ServiceCredentials, XiaomiAuth
+from xiaoai_bridge.clients.xiaomi.errors import TokenExpiredError, XiaomiApiError
+from xiaoai_bridge.clients.xiaomi.transport import Outgoing, ServiceTransport
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -36,6 +27,7 @@ DEFAULT_MIOT_USER_AGENT = "iOS-14.4-6.0.103-iPhone12,3--xiaoai-bridge-iPhone"
 _SERVICE = "MIoT"
 _AUTH_ERROR_CODE = 3  # {"code":3,"message":"auth err"}: the xiaomiio token expired
 _ERROR_HINTS = {-704010000: "the device does not belong to this account"}
+_MIOT_HEADERS = {"x-xiaomi-protocal-flag-cli": "PROTOCAL-HTTP2"}
 
 
 # --- signing (the "legacy" HMAC scheme: plain form in, plain JSON out) ----------------------
@@ -225,38 +217,36 @@ class MiotClient:
         user_agent: str = DEFAULT_MIOT_USER_AGENT,
         nonce_factory: Callable[[], str] = make_nonce,
     ) -> None:
-        self._session = session
-        self._auth = auth
-        self._base_url = base_url.rstrip("/")
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._user_agent = user_agent
+        self._transport = ServiceTransport(
+            session,
+            auth,
+            service=_SERVICE,
+            sid=SID_MIOT,
+            base_url=base_url,
+            timeout_s=timeout_s,
+            user_agent=user_agent,
+        )
         self._nonce_factory = nonce_factory
 
     async def request(self, uri: str, data: Mapping[str, Any]) -> Any:
         """POST a signed request to `<base><uri>` and return its `result`."""
         payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
-        async def send(creds: ServiceCredentials) -> Any:
+        def build(creds: ServiceCredentials) -> Outgoing:
+            # A fresh nonce per attempt: the server refuses a nonce it has seen.
             form = signed_form(uri, payload, creds.ssecurity, self._nonce_factory())
             cookies = {
                 "userId": creds.user_id,
                 "serviceToken": creds.service_token,
                 "PassportDeviceId": creds.device_id,
             }
-            headers = {
-                "User-Agent": self._user_agent,
-                "x-xiaomi-protocal-flag-cli": "PROTOCAL-HTTP2",
-                "Cookie": cookie_header(cookies),
-            }
-            with network_errors(_SERVICE):
-                async with self._session.post(
-                    f"{self._base_url}{uri}", data=form, headers=headers, timeout=self._timeout
-                ) as resp:
-                    check_status(_SERVICE, resp.status)
-                    return _result(uri, await resp.text())
+            return Outgoing(cookies=cookies, form=form, headers=_MIOT_HEADERS)
+
+        def parse(text: str) -> Any:
+            return _result(uri, text)
 
         _LOGGER.debug("MIoT %s", uri)
-        return await self._auth.call(SID_MIOT, send)
+        return await self._transport.request("POST", uri, build, parse)
 
     async def device_list(self) -> list[MiotDevice]:
         """Every device on the account."""
