@@ -154,13 +154,16 @@ def _context() -> dict[str, Any]:
     return {"id": uuid.uuid4().hex[:26].upper(), "parent_id": None, "user_id": None}
 
 
-def _error(msg_id: Any, code: str, message: str) -> dict[str, Any]:
-    return {
-        "id": msg_id,
-        "type": "result",
-        "success": False,
-        "error": {"code": code, "message": message},
-    }
+def _error(
+    msg_id: Any, code: str, message: str, translation_key: str | None = None
+) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if translation_key is not None:
+        # Core's ServiceValidationError carries its translation (websocket_api messages.py).
+        error["translation_key"] = translation_key
+        error["translation_placeholders"] = {"return_response": "return_response=True"}
+        error["translation_domain"] = "homeassistant"
+    return {"id": msg_id, "type": "result", "success": False, "error": error}
 
 
 def _result(msg_id: int, result: Any = None) -> dict[str, Any]:
@@ -905,6 +908,7 @@ class FakeHomeAssistant:
                 "service_validation_error",
                 "Validation error: An action which does not return responses can't be called "
                 "with return_response=True",
+                translation_key="service_does_not_support_response",
             )
             return
         if not return_response and registered.supports_response == "only":
@@ -914,6 +918,7 @@ class FakeHomeAssistant:
                 "service_validation_error",
                 "Validation error: An action which only supports responses must be called "
                 "with return_response=True",
+                translation_key="service_lacks_response_request",
             )
             return
         response = registered.handler(call) if registered.handler is not None else None
@@ -924,8 +929,16 @@ class FakeHomeAssistant:
 
     # -- writing -----------------------------------------------------------------------
 
-    def _send_error(self, client: _Client, msg_id: Any, code: str, message: str) -> None:
-        error = _error(msg_id, code, message)
+    def _send_error(
+        self,
+        client: _Client,
+        msg_id: Any,
+        code: str,
+        message: str,
+        *,
+        translation_key: str | None = None,
+    ) -> None:
+        error = _error(msg_id, code, message, translation_key)
         self.errors_sent.append(error)
         self._send(client, error)
 

@@ -15,13 +15,14 @@ from tests.fakes.homeassistant_server import (
     FakeSpeaker,
     RecordedCall,
 )
-from xiaoai_bridge.clients.homeassistant import HomeAssistantClient
+from xiaoai_bridge.clients.homeassistant import HomeAssistantClient, HomeAssistantCommandError
 from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
 from xiaoai_bridge.reconnect import ReconnectPolicy
 from xiaoai_bridge.sinks.homeassistant import (
     INTELLIGENT_SPEAKER,
     NOTIFY_SEND_MESSAGE,
     HomeAssistantSink,
+    refuses_responses,
     resolve_speak_service,
 )
 from xiaoai_bridge.spoken import estimate_speech_s
@@ -187,6 +188,66 @@ async def test_error_inside_a_successful_response_is_logged(
     assert len(ha.calls) == 1
     assert sink.failed == 1
     assert any("NoneType" in r.getMessage() for r in caplog.records)
+
+
+async def test_speak_service_without_responses_is_called_without_asking_for_one(
+    ha: FakeHomeAssistant,
+    client: HomeAssistantClient,
+    speaker: FakeSpeaker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # hass-xiaomi-miot before v0.7.18 registers its services without a response.
+    ha.register_service("xiaomi_miot", "intelligent_speaker", supports_response="none")
+    q = question(speaker)
+    async with make_sink(client, merge_max_chars=3) as sink:
+        await sink.begin(q)
+        for seq, text in enumerate(["第一。", "第二。", "第三。"]):
+            await sink.chunk(q, sentence(q, seq, text))
+        await ha.wait_for_calls(4)
+        await sink.wait_idle()
+    refused, *spoken = speech(ha)
+    assert refused.return_response is True
+    (error,) = ha.errors_sent
+    assert error["error"]["translation_key"] == "service_does_not_support_response"
+    assert [(c.text, c.return_response) for c in spoken] == [
+        ("第一。", False),
+        ("第二。", False),
+        ("第三。", False),
+    ]
+    assert (sink.spoken, sink.failed) == (3, 0)
+    logged = [r for r in caplog.records if "does not support responses" in r.getMessage()]
+    assert len(logged) == 1
+    assert logged[0].levelno == logging.WARNING
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "refuses"),
+    [
+        # Home Assistant 2023.7 to 2023.12 raised a plain ValueError.
+        (
+            "unknown_error",
+            "Invalid argument return_response=True when handler does not support responses",
+            True,
+        ),
+        (
+            "service_validation_error",
+            "Validation error: A service which does not return responses can't be called "
+            "with return_response=True",
+            True,
+        ),
+        (
+            "service_validation_error",
+            "Validation error: An action which does not return responses can't be called "
+            "with return_response=True",
+            True,
+        ),
+        ("home_assistant_error", "Cloud request failed", False),
+    ],
+)
+def test_refuses_responses_across_home_assistant_versions(
+    code: str, message: str, *, refuses: bool
+) -> None:
+    assert refuses_responses(HomeAssistantCommandError(code, message)) is refuses
 
 
 async def test_pause_xiaoai_and_acknowledge_at_begin(

@@ -113,6 +113,16 @@ def resolve_speak_service(
     )
 
 
+def refuses_responses(err: HomeAssistantCommandError) -> bool:
+    """Whether Home Assistant refused `return_response` because the service gives none."""
+    # No translation_key before 2024.1 (a plain ValueError, "unknown_error"), so the
+    # message is what every version shares.
+    message = err.message.lower()
+    return "return_response" in message and (
+        "does not support responses" in message or "does not return responses" in message
+    )
+
+
 class _Kind(enum.Enum):
     SAY = "say"
     STOP = "stop"
@@ -190,6 +200,8 @@ class HomeAssistantSink:
         self._player_max_stretch = max(1.0, player_max_stretch)
         self._call_timeout_s = call_timeout_s
         self._max_queued = max_queued_chunks
+        # Cleared once the speak service refuses return_response (hass-xiaomi-miot < 0.7.18).
+        self._ask_response = speak.return_response
         self._speakers: dict[str, _Speaker] = {}
         self._watcher: asyncio.Task[None] | None = None
         self.spoken = 0
@@ -356,7 +368,7 @@ class HomeAssistantSink:
             self._speak.service,
             service_data,
             target,
-            return_response=self._speak.return_response,
+            return_response=self._ask_response,
         )
         speaker.sent_at = loop.time()
         if ok:
@@ -396,6 +408,9 @@ class HomeAssistantSink:
                 timeout_s=self._call_timeout_s,
             )
         except HomeAssistantCommandError as err:
+            if return_response and refuses_responses(err):
+                self._stop_asking_response(domain, service)
+                return await self._call(speaker, domain, service, service_data, target)
             self.failed += 1
             _LOGGER.warning(
                 "%s: %s.%s on %s failed: %s (%s)",
@@ -426,6 +441,17 @@ class HomeAssistantSink:
             )
             return False
         return True
+
+    def _stop_asking_response(self, domain: str, service: str) -> None:
+        if self._ask_response:
+            self._ask_response = False
+            _LOGGER.warning(
+                "%s: %s.%s does not support responses (hass-xiaomi-miot older than 0.7.18?); "
+                "speaking without asking for one, so its own errors go unnoticed",
+                self._name,
+                domain,
+                service,
+            )
 
     async def _watch_players(self) -> None:
         try:
