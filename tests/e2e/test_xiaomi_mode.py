@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from tests.conftest import llm_settings
 from tests.fakes.openai_server import FakeOpenAI
-from tests.fakes.xiaomi_cloud import FakeXiaomiCloud
+from tests.fakes.xiaomi_cloud import CONVERSATION, HOSTILE_BODIES, FakeXiaomiCloud
 from xiaoai_bridge.app import open_service, run_service, serve
 from xiaoai_bridge.clients.xiaomi import InvalidCredentialsError
 from xiaoai_bridge.config import (
@@ -116,6 +116,26 @@ async def test_token_cache_is_reused_and_expiry_is_survived(
         await wait_until(lambda: len(cloud.tts_texts()) == 2)
     assert cloud.password_logins == 1  # the passToken renewed the service tokens
     assert [r.last_user_message for r in llm.requests] == ["请问第一个问题", "请问第二个问题"]
+
+
+async def test_hostile_cloud_answers_neither_stop_the_service_nor_lose_the_next_question(
+    tmp_path: Path, cloud: FakeXiaomiCloud, llm: FakeOpenAI
+) -> None:
+    llm.answer = "还在。"
+    async with running(xiaomi_settings(tmp_path, cloud, llm), cloud):
+        # Each unreadable answer backs the poller off (0.5 s, 1 s, ...), so only a few here;
+        # tests/clients/xiaomi/test_hostile_answers.py tries every kind against every parser.
+        for name in (
+            "records of the wrong types",
+            "invalid UTF-8",
+            "hostile JSON in a string field",
+        ):
+            cloud.serve_raw(CONVERSATION, HOSTILE_BODIES[name])
+        cloud.serve_raw(CONVERSATION, b'{"code":0,"data":"{', cut_short=True)
+        await wait_until(lambda: cloud.faults_pending == 0)
+        cloud.say("请问你还在吗")
+        await wait_until(lambda: cloud.tts_texts() == ["还在。"], within_s=15)
+    assert [r.last_user_message for r in llm.requests] == ["请问你还在吗"]
 
 
 async def test_continuous_conversation_wakes_the_speaker(

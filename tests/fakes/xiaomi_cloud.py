@@ -49,6 +49,80 @@ _HTML_401 = "<html><head><title>401 Unauthorized</title></head><body>Unauthorize
 _NOT_OWNED = -704010000
 
 
+# Answers no parser may die of, whatever service they come from: deep nesting, a body that
+# is not an object, invalid UTF-8, an HTML error page with status 200, JSON cut short, an
+# envelope whose fields have the wrong types or hold hostile JSON strings.
+_DEEP = b"[" * 100_000 + b"]" * 100_000
+_DEEP_TEXT = "[" * 100_000 + "]" * 100_000
+HOSTILE_BODIES: dict[str, bytes] = {
+    "deep nesting": _DEEP,
+    "deep nesting in an object": b'{"code":0,"data":' + _DEEP + b"}",
+    "a list": b"[1,2,3]",
+    "null": b"null",
+    "a string": b'"ok"',
+    "invalid UTF-8": b'{"code":0,"message":"\xff\xfe","data":"\xc3\x28"}',
+    "an HTML page": b"<html><body><h1>502 Bad Gateway</h1></body></html>",
+    "truncated": b'{"code":0,"message":"Success","data":{"rec',
+    "empty": b"",
+    "data of the wrong type": b'{"code":0,"message":"ok","data":12,"result":12}',
+    "fields of the wrong type": json.dumps(
+        {
+            "code": 0,
+            "message": ["not", "text"],
+            "data": {"records": 5, "info": 7, "list": 5},
+            "result": {"list": 5, "code": {"x": 1}},
+        }
+    ).encode(),
+    "records of the wrong types": json.dumps(
+        {
+            "code": 0,
+            "message": "Success",
+            "data": json.dumps(
+                {
+                    "records": [
+                        {"time": 10**400, "query": "x", "answers": 5},
+                        {"time": True, "query": ["x"], "answers": [{"type": 5, "tts": 3}]},
+                        {"time": "1", "query": "x"},
+                        7,
+                    ],
+                    "nextEndTime": "soon",
+                }
+            ),
+        }
+    ).encode(),
+    "hostile JSON in a string field": json.dumps(
+        {"code": 0, "message": "ok", "data": _DEEP_TEXT}
+    ).encode(),
+    "hostile JSON in info": json.dumps(
+        {"code": 0, "message": "ok", "data": {"code": 0, "info": _DEEP_TEXT}}
+    ).encode(),
+    "info that is JSON but no object": json.dumps(
+        {"code": 0, "message": "ok", "data": {"code": 0, "info": "[1]"}}
+    ).encode(),
+    "properties of the wrong types": json.dumps(
+        {
+            "code": 0,
+            "message": "",
+            "result": [
+                {"did": 1, "siid": "x", "piid": [1], "code": "bad", "value": 1},
+                {"siid": 10**400, "piid": 1.5, "code": None},
+            ],
+        }
+    ).encode(),
+}
+
+
+@dataclass(frozen=True)
+class Canned:
+    """A raw answer served instead of the real one (see `serve_raw`)."""
+
+    body: bytes
+    status: int = 200
+    content_type: str = "application/json"
+    # Promise this many more bytes than are sent, then drop the connection.
+    cut_short: bool = False
+
+
 @dataclass
 class Call:
     """One request the fake received."""
@@ -147,7 +221,8 @@ class FakeXiaomiCloud:
         self.service_tokens: dict[str, tuple[str, str]] = {}  # token -> (sid, ssecurity)
         self._tickets: dict[str, tuple[str, int, str]] = {}  # _ssign -> (sid, nonce, ssecurity)
         self._nonces: set[str] = set()
-        self._faults: dict[str, list[int]] = {}  # service -> statuses; 0 = stall
+        # service -> statuses (0 = stall) or raw answers, served before the real ones
+        self._faults: dict[str, list[int | Canned]] = {}
         self._release = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -252,6 +327,28 @@ class FakeXiaomiCloud:
         """Hold the next `times` requests to `service` until the fake closes (a timeout)."""
         self._faults.setdefault(service, []).extend([0] * times)
 
+    def serve_raw(
+        self,
+        service: str,
+        body: bytes,
+        *,
+        status: int = 200,
+        content_type: str = "application/json",
+        cut_short: bool = False,
+        times: int = 1,
+    ) -> None:
+        """Answer the next `times` requests to `service` with exactly `body`.
+
+        `cut_short` announces a longer body than it sends and closes the connection.
+        """
+        canned = Canned(body, status, content_type, cut_short)
+        self._faults.setdefault(service, []).extend([canned] * times)
+
+    @property
+    def faults_pending(self) -> int:
+        """Failures and raw answers not served yet."""
+        return sum(len(faults) for faults in self._faults.values())
+
     def calls_to(self, service: str, path: str | None = None) -> list[Call]:
         """Recorded calls to one service (and path)."""
         return [
@@ -317,6 +414,9 @@ class FakeXiaomiCloud:
         faults = self._faults.get(service)
         if faults:
             status = faults.pop(0)
+            if isinstance(status, Canned):
+                call.status = status.status
+                return await self._serve_canned(request, status)
             if status == 0:
                 await self._release.wait()
                 status = 504
@@ -328,6 +428,24 @@ class FakeXiaomiCloud:
             )
         response = await handler(request)
         call.status = response.status
+        return response
+
+    @staticmethod
+    async def _serve_canned(request: web.Request, canned: Canned) -> web.StreamResponse:
+        if not canned.cut_short:
+            return web.Response(
+                status=canned.status,
+                body=canned.body,
+                headers={"Content-Type": canned.content_type},
+            )
+        response = web.StreamResponse(
+            status=canned.status, headers={"Content-Type": canned.content_type}
+        )
+        response.content_length = len(canned.body) + 1000
+        await response.prepare(request)
+        await response.write(canned.body)
+        if request.transport is not None:
+            request.transport.close()
         return response
 
     def _session_ssecurity(self, request: web.Request, sid: str) -> str | None:

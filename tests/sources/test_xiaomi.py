@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.fakes.xiaomi_cloud import ACCOUNT, CONVERSATION, MINA, FakeXiaomiCloud
+from tests.fakes.xiaomi_cloud import ACCOUNT, CONVERSATION, HOSTILE_BODIES, MINA, FakeXiaomiCloud
 from xiaoai_bridge.clients.xiaomi import new_session
 from xiaoai_bridge.clients.xiaomi.auth import XiaomiAuth
 from xiaoai_bridge.clients.xiaomi.conversation import ConversationClient
@@ -294,6 +294,28 @@ async def test_cloud_errors_back_off_without_crash_or_duplicates(rig: Rig) -> No
     assert gaps[1] >= 0.02
     assert poller_policy.reconnects == 1
     assert poller_policy.last_error == "XiaomiNetworkError"
+
+
+async def test_hostile_answers_are_backed_off_and_polling_goes_on(rig: Rig) -> None:
+    cloud = rig.cloud
+    for body in HOSTILE_BODIES.values():
+        cloud.serve_raw(MINA, body)  # the speaker lookup first
+    cloud.serve_raw(MINA, b'{"code":0,"data":[{"deviceID":', cut_short=True)
+    source = rig.source(backoff_max_s=0.02)
+    async with listening(source, cloud) as heard:
+        policy = source.pollers[cloud.speaker.device_id].policy
+        for body in HOSTILE_BODIES.values():
+            cloud.serve_raw(CONVERSATION, body)
+        cloud.serve_raw(CONVERSATION, b'{"code":0,"data":"{\\"rec', cut_short=True)
+        await wait_for(lambda: cloud.faults_pending == 0)
+        cloud.say("请问还在吗")
+        utterance = await next_heard(heard)
+        assert source.health()["state"] == "connected"
+
+    assert utterance.text == "请问还在吗"
+    assert source.discovery.failures == 0  # connected in the end
+    assert source.discovery.reconnects == 1
+    assert policy.reconnects >= 1
 
 
 async def test_cloud_down_at_start_delays_the_speaker_lookup(rig: Rig) -> None:

@@ -22,6 +22,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from xiaoai_bridge.clients.xiaomi.answers import answer_json, answer_text, text_field
 from xiaoai_bridge.clients.xiaomi.errors import (
     CaptchaRequiredError,
     InvalidCredentialsError,
@@ -48,6 +49,7 @@ DEFAULT_RELOGIN_COOLDOWN_S = 30.0
 DEFAULT_LOGIN_USER_AGENT = "APP/com.xiaomi.mihome APPV/6.0.103 iosPassportSDK/3.9.0 iOS/14.4 miHSTS"
 
 _JSON_PREFIX = "&&&START&&&"
+_ACCOUNT_SERVICE = "Xiaomi account"
 _SDK_VERSION = "3.9"
 _DEVICE_ID_LEN = 16
 _MAX_STS_HOPS = 5
@@ -102,12 +104,9 @@ def parse_login_json(text: str) -> dict[str, Any]:
     """Parse an account.xiaomi.com answer, which prefixes its JSON with `&&&START&&&`."""
     text = text.strip()
     text = text.removeprefix(_JSON_PREFIX)
-    try:
-        body = json.loads(text)
-    except ValueError as err:
-        raise XiaomiApiError("Xiaomi account", "bad_response", "answer is not JSON") from err
+    body = answer_json(_ACCOUNT_SERVICE, text)
     if not isinstance(body, dict):
-        raise XiaomiApiError("Xiaomi account", "bad_response", "answer is not a JSON object")
+        raise XiaomiApiError(_ACCOUNT_SERVICE, "bad_response", "answer is not a JSON object")
     return body
 
 
@@ -388,7 +387,7 @@ class XiaomiAuth:
         _raise_for_login_body(body, step=2)
         if not _is_ticket(body):
             raise XiaomiAuthError(
-                f"unexpected Xiaomi login answer (code {body.get('code')!r}, "
+                f"unexpected Xiaomi login answer (code {_text(body.get('code'))!r}, "
                 f"{_short(body.get('desc'))}); try `xiaoai-bridge login`"
             )
         _LOGGER.info("Xiaomi %s: logged in with the password", sid)
@@ -408,7 +407,8 @@ class XiaomiAuth:
                 timeout=self._timeout,
             ) as resp:
                 _check_account_status(resp.status)
-                return parse_login_json(await resp.text())
+                body = await resp.read()
+        return parse_login_json(answer_text(_ACCOUNT_SERVICE, body))
 
     async def _service_login_auth2(self, step1: dict[str, Any]) -> dict[str, Any]:
         assert self._password is not None  # checked by the caller  # noqa: S101
@@ -431,17 +431,18 @@ class XiaomiAuth:
                 timeout=self._timeout,
             ) as resp:
                 _check_account_status(resp.status)
-                return parse_login_json(await resp.text())
+                body = await resp.read()
+        return parse_login_json(answer_text(_ACCOUNT_SERVICE, body))
 
     async def _finish(self, sid: str, body: dict[str, Any]) -> ServiceCredentials:
         """Trade the login ticket for the sid's serviceToken at its STS and save it."""
         state = self._state()
         ssecurity = _text(body.get("ssecurity"))
         location = _text(body.get("location"))
-        sign = quote(client_sign(body.get("nonce"), ssecurity), safe="")
+        sign = quote(client_sign(_text(body.get("nonce")), ssecurity), safe="")
         separator = "&" if "?" in location else "?"
         token = await self._fetch_service_token(f"{location}{separator}clientSign={sign}")
-        state.user_id = str(body["userId"])
+        state.user_id = _text(body["userId"])
         state.pass_token = _text(body.get("passToken")) or state.pass_token
         state.services[sid] = (ssecurity, token)
         self._persist()
@@ -450,6 +451,16 @@ class XiaomiAuth:
         return creds
 
     async def _fetch_service_token(self, url: str) -> str:
+        try:
+            return await self._follow_sts(url)
+        except ValueError as err:
+            # yarl refuses a malformed location (a bad port or IPv6 host) with ValueError.
+            raise XiaomiAuthError(
+                "Xiaomi's login answer pointed to a malformed token service address; retry "
+                "later or run `xiaoai-bridge login`"
+            ) from err
+
+    async def _follow_sts(self, url: str) -> str:
         # The location is already URL-encoded; keep yarl from encoding it twice.
         target = URL(url, encoded=True)
         for _ in range(_MAX_STS_HOPS):
@@ -501,8 +512,8 @@ def _raise_for_login_body(body: Mapping[str, Any], *, step: int) -> None:
     if step == 1:
         if "qs" not in body and code != 0:
             raise XiaomiAuthError(
-                f"Xiaomi refused to start a login (code {code!r}, {_short(body.get('desc'))}); "
-                "wait a while and retry"
+                f"Xiaomi refused to start a login (code {_text(code)!r}, "
+                f"{_short(body.get('desc'))}); wait a while and retry"
             )
         return
     if code == _CODE_INVALID:
@@ -517,7 +528,7 @@ def _check_account_status(status: int) -> None:
 
 
 def _text(value: object) -> str:
-    return value if isinstance(value, str) else "" if value is None else str(value)
+    return text_field(value)
 
 
 def _short(value: object) -> str:

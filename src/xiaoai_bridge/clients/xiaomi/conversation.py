@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from typing import Any
 
 import aiohttp
 
+from xiaoai_bridge.clients.xiaomi.answers import answer_json, int_field, text_field
 from xiaoai_bridge.clients.xiaomi.auth import SID_MINA, ServiceCredentials, XiaomiAuth
 from xiaoai_bridge.clients.xiaomi.errors import XiaomiApiError
 from xiaoai_bridge.clients.xiaomi.transport import Outgoing, ServiceTransport
@@ -32,6 +32,7 @@ DEFAULT_FRESHNESS_S = 60.0
 _SEEN_LIMIT = 64
 _SERVICE = "conversation log"
 _PATH = "/device_profile/v2/conversation"
+_MAX_TIME_MS = 2**53  # far beyond any real clock, still exact as a float
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +68,7 @@ class ConversationPage:
 
 def parse_answer(item: dict[str, Any]) -> ConversationAnswer:
     """One entry of a record's `answers`."""
-    kind = str(item.get("type") or "")
+    kind = text_field(item.get("type"))
     payload = item.get(kind.lower())
     text = ""
     if isinstance(payload, dict):
@@ -75,7 +76,7 @@ def parse_answer(item: dict[str, Any]) -> ConversationAnswer:
             text = payload["text"]
         elif isinstance(payload.get("audioInfoList"), list):
             titles = [
-                str(info.get("title") or "")
+                text_field(info.get("title"))
                 for info in payload["audioInfoList"]
                 if isinstance(info, dict)
             ]
@@ -85,39 +86,41 @@ def parse_answer(item: dict[str, Any]) -> ConversationAnswer:
 
 def parse_conversation(text: str) -> ConversationPage:
     """The endpoint's body: an envelope whose `data` is itself a JSON string."""
-    try:
-        body = json.loads(text)
-    except ValueError as err:
-        raise XiaomiApiError(_SERVICE, "bad_response", "answer is not JSON") from err
+    body = answer_json(_SERVICE, text)
     if not isinstance(body, dict):
         raise XiaomiApiError(_SERVICE, "bad_response", "answer is not a JSON object")
     if body.get("code") != 0:
-        raise XiaomiApiError(_SERVICE, body.get("code"), str(body.get("message") or "")[:120])
+        raise XiaomiApiError(_SERVICE, body.get("code"), text_field(body.get("message"))[:120])
     raw = body.get("data")
-    try:
-        data = json.loads(raw) if isinstance(raw, str) else raw
-    except ValueError as err:
-        raise XiaomiApiError(_SERVICE, "bad_response", "data is not JSON") from err
+    data = answer_json(_SERVICE, raw, "data") if isinstance(raw, str) else raw
     if not isinstance(data, dict):
         raise XiaomiApiError(_SERVICE, "bad_response", "data is not a JSON object")
+    items = data.get("records")
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        raise XiaomiApiError(_SERVICE, "bad_response", "records is not a list")
     records = []
-    for item in data.get("records") or ():
-        if not isinstance(item, dict) or not isinstance(item.get("time"), int):
+    for item in items:
+        time_ms = int_field(item.get("time")) if isinstance(item, dict) else None
+        # A time that no clock reaches would only overflow later arithmetic.
+        if time_ms is None or not 0 <= time_ms <= _MAX_TIME_MS:
             continue
-        answers = tuple(
-            parse_answer(answer) for answer in item.get("answers") or () if isinstance(answer, dict)
-        )
+        answers = item.get("answers")
         records.append(
             ConversationRecord(
-                time_ms=item["time"],
-                query=str(item.get("query") or ""),
-                answers=answers,
-                request_id=str(item.get("requestId") or ""),
+                time_ms=time_ms,
+                query=text_field(item.get("query")),
+                answers=tuple(
+                    parse_answer(answer)
+                    for answer in (answers if isinstance(answers, list) else ())
+                    if isinstance(answer, dict)
+                ),
+                request_id=text_field(item.get("requestId")),
             )
         )
-    next_end = data.get("nextEndTime")
     return ConversationPage(
-        records=tuple(records), next_end_time=next_end if isinstance(next_end, int) else 0
+        records=tuple(records), next_end_time=int_field(data.get("nextEndTime"), 0)
     )
 
 

@@ -131,6 +131,10 @@ class XiaomiApiError(XiaomiError):
 
     def __init__(self, service: str, api_code: object, detail: str) -> None:
         self.service = service
+        if not isinstance(api_code, str | int | float | None):
+            # The code comes from the answer: a list or object could be nested deep enough
+            # that formatting it raises RecursionError.
+            api_code = "bad_response"
         self.api_code = api_code
         self.detail = detail
         super().__init__(f"{service} error {api_code}: {detail}")

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 
+from xiaoai_bridge.clients.xiaomi.answers import answer_json, int_field, text_field
 from xiaoai_bridge.clients.xiaomi.auth import SID_MINA, ServiceCredentials, XiaomiAuth
 from xiaoai_bridge.clients.xiaomi.errors import XiaomiApiError
 from xiaoai_bridge.clients.xiaomi.transport import Outgoing, ServiceTransport
@@ -86,12 +87,12 @@ def new_request_id() -> str:
 def parse_device(item: dict[str, Any]) -> MinaDevice:
     """One entry of device_list's `data`."""
     return MinaDevice(
-        device_id=str(item.get("deviceID") or ""),
-        name=str(item.get("name") or ""),
-        alias=str(item.get("alias") or ""),
-        hardware=str(item.get("hardware") or ""),
-        miot_did=str(item.get("miotDID") or ""),
-        serial_number=str(item.get("serialNumber") or ""),
+        device_id=text_field(item.get("deviceID")),
+        name=text_field(item.get("name")),
+        alias=text_field(item.get("alias")),
+        hardware=text_field(item.get("hardware")),
+        miot_did=text_field(item.get("miotDID")),
+        serial_number=text_field(item.get("serialNumber")),
         online=item.get("presence") == "online",
     )
 
@@ -99,20 +100,20 @@ def parse_device(item: dict[str, Any]) -> MinaDevice:
 def parse_play_status(data: object) -> PlayStatus:
     """player_get_play_status's `data`, whose `info` is a JSON string."""
     info_text = data.get("info") if isinstance(data, dict) else None
-    try:
-        info = json.loads(info_text) if isinstance(info_text, str) else None
-    except ValueError as err:
-        raise XiaomiApiError(_SERVICE, "bad_response", "play status info is not JSON") from err
-    if not isinstance(info, dict) or not isinstance(info.get("status"), int):
+    info = (
+        answer_json(_SERVICE, info_text, "play status info") if isinstance(info_text, str) else None
+    )
+    status = int_field(info.get("status")) if isinstance(info, dict) else None
+    if not isinstance(info, dict) or status is None:
         raise XiaomiApiError(_SERVICE, "bad_response", "play status without a status")
     detail = info.get("play_song_detail")
     detail = detail if isinstance(detail, dict) else {}
     return PlayStatus(
-        status=info["status"],
-        volume=_int_or_none(info.get("volume")),
-        media_type=_int_or_none(info.get("media_type")),
-        position_ms=_int_or_none(detail.get("position")),
-        duration_ms=_int_or_none(detail.get("duration")),
+        status=status,
+        volume=int_field(info.get("volume")),
+        media_type=int_field(info.get("media_type")),
+        position_ms=int_field(detail.get("position")),
+        duration_ms=int_field(detail.get("duration")),
     )
 
 
@@ -258,17 +259,10 @@ def _cookies(creds: ServiceCredentials) -> dict[str, str]:
 
 def _envelope_data(text: str) -> Any:
     """`data` of a MiNA `{"code", "message", "data"}` answer; a non-zero code raises."""
-    try:
-        body = json.loads(text)
-    except ValueError as err:
-        raise XiaomiApiError(_SERVICE, "bad_response", "answer is not JSON") from err
+    body = answer_json(_SERVICE, text)
     if not isinstance(body, dict):
         raise XiaomiApiError(_SERVICE, "bad_response", "answer is not a JSON object")
     code = body.get("code")
     if code != 0:
-        raise XiaomiApiError(_SERVICE, code, str(body.get("message") or "")[:120])
+        raise XiaomiApiError(_SERVICE, code, text_field(body.get("message"))[:120])
     return body.get("data")
-
-
-def _int_or_none(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None

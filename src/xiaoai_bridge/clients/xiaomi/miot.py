@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from xiaoai_bridge.clients.xiaomi.answers import answer_json, int_field, text_field
 from xiaoai_bridge.clients.xiaomi.auth import SID_MIOT, ServiceCredentials, XiaomiAuth
 from xiaoai_bridge.clients.xiaomi.errors import TokenExpiredError, XiaomiApiError
 from xiaoai_bridge.clients.xiaomi.transport import Outgoing, ServiceTransport
@@ -27,6 +28,7 @@ DEFAULT_MIOT_USER_AGENT = "iOS-14.4-6.0.103-iPhone12,3--xiaoai-bridge-iPhone"
 _SERVICE = "MIoT"
 _AUTH_ERROR_CODE = 3  # {"code":3,"message":"auth err"}: the xiaomiio token expired
 _ERROR_HINTS = {-704010000: "the device does not belong to this account"}
+_NO_CODE = -1  # an answer item whose `code` is not a number
 _MIOT_HEADERS = {"x-xiaomi-protocal-flag-cli": "PROTOCAL-HTTP2"}
 
 
@@ -254,14 +256,18 @@ class MiotClient:
             "/home/device_list", {"getVirtualModel": False, "getHuamiDevices": 0}
         )
         items = result.get("list") if isinstance(result, dict) else None
+        if items is None:
+            items = []
+        if not isinstance(items, list):
+            raise XiaomiApiError(_SERVICE, "bad_response", "device_list without a list")
         return [
             MiotDevice(
-                did=str(item.get("did") or ""),
-                name=str(item.get("name") or ""),
-                model=str(item.get("model") or ""),
+                did=text_field(item.get("did")),
+                name=text_field(item.get("name")),
+                model=text_field(item.get("model")),
                 online=bool(item.get("isOnline")),
             )
-            for item in items or ()
+            for item in items
             if isinstance(item, dict)
         ]
 
@@ -313,20 +319,20 @@ class MiotClient:
         if actions.playing_property is None:
             return None
         siid, piid, playing = actions.playing_property
-        (item,) = await self.get_properties(did, [(siid, piid)])
+        items = await self.get_properties(did, [(siid, piid)])
+        if len(items) != 1:
+            raise XiaomiApiError(_SERVICE, "bad_response", "prop/get did not answer one item")
+        (item,) = items
         if item.code != 0:
             raise _item_error("MIoT prop/get", item.code)
         return bool(item.value == playing)
 
 
 def _result(uri: str, text: str) -> Any:
-    try:
-        body = json.loads(text)
-    except ValueError as err:
-        raise XiaomiApiError(_SERVICE, "bad_response", "answer is not JSON") from err
+    body = answer_json(_SERVICE, text)
     if not isinstance(body, dict):
         raise XiaomiApiError(_SERVICE, "bad_response", "answer is not a JSON object")
-    message = str(body.get("message") or "")
+    message = text_field(body.get("message"))
     code = body.get("code")
     if code == _AUTH_ERROR_CODE or "auth" in message.lower():
         raise TokenExpiredError("MIoT rejected the xiaomiio service token")
@@ -346,10 +352,11 @@ def _property_values(result: Any) -> list[PropertyValue]:
         raise XiaomiApiError(_SERVICE, "bad_response", "property result is not a list")
     return [
         PropertyValue(
-            did=str(item.get("did") or ""),
-            siid=int(item.get("siid") or 0),
-            piid=int(item.get("piid") or 0),
-            code=int(item.get("code") or 0),
+            did=text_field(item.get("did")),
+            siid=int_field(item.get("siid"), 0),
+            piid=int_field(item.get("piid"), 0),
+            # No code means it worked; a code that is not a number did not say so.
+            code=0 if item.get("code") is None else int_field(item.get("code"), _NO_CODE),
             value=item.get("value"),
         )
         for item in result

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import aiohttp
 
+from xiaoai_bridge.clients.xiaomi.answers import answer_text
 from xiaoai_bridge.clients.xiaomi.auth import ServiceCredentials, XiaomiAuth, cookie_header
 from xiaoai_bridge.clients.xiaomi.errors import check_status, network_errors
 
@@ -28,7 +29,8 @@ class ServiceTransport:
     """Requests to one Xiaomi service under one sid's login, retried once after a re-login.
 
     HTTP 401 and whatever `parse` raises as TokenExpiredError trigger the re-login; network
-    failures and HTTP errors become the clients' own errors (errors.py).
+    failures, HTTP errors and bodies that are not UTF-8 become the clients' own errors
+    (errors.py). `parse` gets the body as text and raises XiaomiApiError for anything else.
     """
 
     def __init__(
@@ -76,7 +78,9 @@ class ServiceTransport:
                     timeout=self._timeout,
                 ) as resp:
                     check_status(self.service, resp.status)
-                    text = await resp.text()
-            return parse(text)
+                    # Bytes, not resp.text(): a bad byte must become our error, not a
+                    # UnicodeDecodeError; a body cut short fails here as a network error.
+                    body = await resp.read()
+            return parse(answer_text(self.service, body))
 
         return await self._auth.call(self._sid, attempt)

@@ -1,0 +1,48 @@
+"""Reading Xiaomi's answers: bytes to text, text to JSON, fields whose type is not trusted."""
+
+from __future__ import annotations
+
+from typing import Any, overload
+
+from xiaoai_bridge.clients.xiaomi.errors import XiaomiApiError
+from xiaoai_bridge.jsonwire import parse_json
+
+
+def answer_text(service: str, body: bytes) -> str:
+    """A response body as text: Xiaomi answers in UTF-8, so other bytes are not its format."""
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise XiaomiApiError(service, "bad_response", "answer is not UTF-8") from err
+
+
+def answer_json(service: str, text: str, what: str = "answer") -> Any:
+    """Parse JSON from the cloud; anything unreadable (even nested 100,000 deep) is an API error."""
+    try:
+        return parse_json(text)
+    except ValueError as err:
+        raise XiaomiApiError(service, "bad_response", f"{what} is not JSON") from err
+
+
+def text_field(value: object) -> str:
+    """A field meant to be text; numbers are spelled out, anything else is "".
+
+    Never `str()` of a list or object: the repr of a value nested a few hundred deep raises
+    RecursionError, and such values parse fine.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return ""
+
+
+@overload
+def int_field(value: object) -> int | None: ...
+@overload
+def int_field(value: object, default: int) -> int: ...
+def int_field(value: object, default: int | None = None) -> int | None:
+    """A field meant to be an integer (not a bool), else `default`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return default
