@@ -13,7 +13,7 @@ import aiohttp
 
 from xiaoai_bridge.audio import AudioStore
 from xiaoai_bridge.broker import BrokerStartError, embedded_broker
-from xiaoai_bridge.clients.homeassistant import HomeAssistantClient
+from xiaoai_bridge.clients.homeassistant import ENTITY_REGISTRY_UPDATED, HomeAssistantClient
 from xiaoai_bridge.clients.mqtt import MqttConnection
 from xiaoai_bridge.clients.tts import EdgeTts, HttpTts, TtsEngine
 from xiaoai_bridge.clients.xiaomi import (
@@ -228,8 +228,12 @@ async def _add_homeassistant(service: Service, stack: contextlib.AsyncExitStack)
     if ha.url is None or ha.token is None:  # the config model checks this already
         raise ConfigError("homeassistant.url and homeassistant.token are both needed")
     # A rejected token raises HomeAssistantAuthError here: fatal, before anything runs.
+    # No state_changed subscription: the source watches its sensors and speakers by id, so a
+    # busy house never floods the bridge; registry events reveal speakers added later.
     client = await stack.enter_async_context(
-        HomeAssistantClient(ha.url, ha.token.get_secret_value())
+        HomeAssistantClient(
+            ha.url, ha.token.get_secret_value(), event_types=(ENTITY_REGISTRY_UPDATED,)
+        )
     )
     service.connections["homeassistant"] = client.policy
     service.sources.append(

@@ -373,3 +373,49 @@ async def test_connection_level_subscribe_and_unsubscribe(ha: FakeHomeAssistant)
             await conn.unsubscribe_events(subscription)
         assert info.value.code == "not_found"
     assert seen == ["1"]
+
+
+async def test_watched_entities_stream_as_state_changed_and_nothing_else(
+    ha: FakeHomeAssistant,
+) -> None:
+    speaker = ha.add_speaker()
+    ha.set_state("sensor.power", "1")
+    async with make_client(ha, event_types=()) as client, client.subscribe_events() as stream:
+        assert await next_item(stream) == Subscribed(reconnected=False)
+        initial = await client.watch_entities([speaker.sensor, "Not An Entity"])
+        assert [state["entity_id"] for state in initial] == [speaker.sensor]
+        assert initial[0]["attributes"] == ha.states[speaker.sensor]["attributes"]
+        assert await client.watch_entities([speaker.sensor]) == []  # already watched
+        for i in range(50):
+            ha.set_state("sensor.power", str(i))
+        ha.set_conversation(speaker.sensor, "机器人你好")
+        event = await next_event(stream)
+    assert event.event_type == "state_changed"
+    assert event.data["entity_id"] == speaker.sensor
+    assert event.data["old_state"]["state"] == "unknown"
+    expected = {k: v for k, v in ha.states[speaker.sensor].items() if k != "last_reported"}
+    assert event.data["new_state"] == expected
+    assert ha.entity_messages_sent["sensor.power"] == 0
+    assert client.watched == {speaker.sensor}
+
+
+async def test_watched_entities_are_resubscribed_after_a_restart(ha: FakeHomeAssistant) -> None:
+    async with make_client(ha, event_types=()) as client, client.subscribe_events() as stream:
+        await client.watch_entities(["sensor.a"])  # not there yet: it appears later
+        ha.set_state("sensor.a", "1")
+        first = await next_event(stream)
+        assert (first.data["old_state"], first.data["new_state"]["state"]) == (None, "1")
+        await ha.restart()
+        assert await next_item(stream) == Subscribed(reconnected=True)
+        assert ha.watched == {"sensor.a"}
+        ha.set_state("sensor.a", "2", {"unit": "W"})
+        ha.set_state("sensor.a", "2")  # an attribute removed
+        added, removed = await next_event(stream), await next_event(stream)
+        del ha.states["sensor.a"]
+        ha.fire_event(
+            "state_changed", {"entity_id": "sensor.a", "old_state": None, "new_state": None}
+        )
+        gone = await next_event(stream)
+    assert added.data["new_state"]["attributes"] == {"unit": "W"}
+    assert removed.data["new_state"]["attributes"] == {}
+    assert gone.data["new_state"] is None

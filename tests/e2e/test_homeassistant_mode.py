@@ -12,7 +12,11 @@ import pytest
 from pydantic import SecretStr
 
 from tests.conftest import llm_settings, open_probe
-from tests.fakes.homeassistant_server import DEFAULT_TOKEN, FakeHomeAssistant
+from tests.fakes.homeassistant_server import (
+    CONVERSATION_ENTITY_CLASS,
+    DEFAULT_TOKEN,
+    FakeHomeAssistant,
+)
 from tests.fakes.mosquitto import Mosquitto
 from tests.fakes.openai_server import FakeOpenAI
 from xiaoai_bridge.app import run_service
@@ -40,14 +44,22 @@ def ha_settings(
     )
 
 
+def speaker_entities(ha: FakeHomeAssistant) -> set[str]:
+    """Every conversation sensor of the fake and its media_player."""
+    found = set()
+    for entity_id, state in ha.states.items():
+        if state["attributes"].get("entity_class") == CONVERSATION_ENTITY_CLASS:
+            found |= {entity_id, state["attributes"]["parent_entity_id"]}
+    return found
+
+
 @contextlib.asynccontextmanager
 async def running(settings: Settings, ha: FakeHomeAssistant) -> AsyncIterator[None]:
     stop = asyncio.Event()
     task = asyncio.create_task(run_service(settings, stop=stop))
-    # Subscribed, then the current states read as the baseline: from now on, speech counts.
-    await ha.wait_for_commands("subscribe_events", 1, within_s=10)
+    # The states read as the baseline, then the speakers watched: from now on, speech counts.
     await ha.wait_for_commands("get_states", 1, within_s=10)
-    await asyncio.sleep(0.1)
+    await ha.wait_watching(speaker_entities(ha), within_s=10)
     try:
         yield
     finally:
@@ -106,10 +118,12 @@ async def test_continuous_conversation_needs_no_keyword_until_stopped(
         ha.set_conversation(speaker.sensor, "结束持续对话")
         await ha.wait_for_calls(3, domain="xiaomi_miot", within_s=10)
         ha.set_conversation(speaker.sensor, "又一个没有关键词的问题")
-        await asyncio.sleep(0.3)
+        # Utterances are judged in order: once this one is answered, the one before was not.
+        ha.set_conversation(speaker.sensor, "机器人最后一个")
+        await ha.wait_for_calls(4, domain="xiaomi_miot", within_s=10)
     assert spoken(ha)[0] == CONTINUOUS_ON_REPLY
-    assert [r.last_user_message for r in llm.requests] == ["没有关键词的问题"]
-    assert len(spoken(ha)) == 3
+    assert [r.last_user_message for r in llm.requests] == ["没有关键词的问题", "最后一个"]
+    assert len(spoken(ha)) == 4
 
 
 async def test_wrong_token_stops_the_service_with_a_clear_error(
@@ -197,7 +211,7 @@ async def test_keywords_can_differ_per_speaker(
         ha.set_conversation(kids.sensor, "小白讲个故事")
         ha.set_conversation(parents.sensor, "机器人你好")
         calls = await ha.wait_for_calls(2, domain="xiaomi_miot", within_s=10)
-        await asyncio.sleep(0.2)
+    # The kids' "机器人你好" came before their answered question, so it was judged already.
     assert sorted(c.entity_id for c in calls) == sorted([kids.media_player, parents.media_player])
     assert sorted(r.last_user_message for r in llm.requests) == ["你好", "小白讲个故事"]
 
@@ -221,3 +235,37 @@ async def test_mqtt_and_home_assistant_modes_run_together(
         "从 Node-RED 来的问题",
         "从音箱来的问题",
     ]
+
+
+async def test_a_busy_house_never_reaches_the_bridge_while_a_question_is_answered(
+    tmp_path: Path, ha: FakeHomeAssistant, llm: FakeOpenAI
+) -> None:
+    speaker = ha.add_speaker()
+    llm.answer = "照常回答。"
+    rate = 1000.0  # unrelated state changes per second, over 100 entities
+    changed = 0
+    loop = asyncio.get_running_loop()
+
+    async def busy_house() -> None:
+        nonlocal changed
+        start = loop.time()
+        while True:
+            while changed < int((loop.time() - start) * rate):
+                ha.set_state(f"sensor.power_{changed % 100}", str(changed), {"unit": "W"})
+                changed += 1
+            await asyncio.sleep(0.005)
+
+    async with running(ha_settings(tmp_path, ha, llm), ha):
+        flood = asyncio.create_task(busy_house())
+        try:
+            await ha.wait_until(lambda: changed >= 200, within_s=5)
+            ha.set_conversation(speaker.sensor, "机器人忙碌的时候也回答吗")
+            calls = await ha.wait_for_calls(1, domain="xiaomi_miot", within_s=10)
+        finally:
+            flood.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flood
+    assert calls[0].text == "照常回答。"
+    assert changed >= 200
+    # Home Assistant filtered them: not one unrelated change was sent to the bridge.
+    assert not [key for key in ha.entity_messages_sent if key.startswith("sensor.power_")]

@@ -8,7 +8,8 @@ import copy
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from types import TracebackType
@@ -267,6 +268,8 @@ class FakeHomeAssistant:
         # Every HTTP request as "METHOD /path" (the websocket upgrade included).
         self.http_requests: list[str] = []
         self.service_hooks: list[Callable[[RecordedCall], Awaitable[None] | None]] = []
+        # Called with each well-formed command before it is handled.
+        self.command_hooks: list[Callable[[dict[str, Any]], None]] = []
         self._clients: set[_Client] = set()
         self._services: dict[tuple[str, str], _Service] = {}
         self._histories: dict[str, list[str]] = {}
@@ -276,6 +279,10 @@ class FakeHomeAssistant:
         self._runner: web.AppRunner | None = None
         self._call_added = asyncio.Event()
         self._command_received = asyncio.Event()
+        # Set after every command handled and every event fired, for `wait_until`.
+        self._happened = asyncio.Event()
+        # state_changed and subscribe_entities messages sent, per entity id.
+        self.entity_messages_sent: Counter[str] = Counter()
         self._closing: set[asyncio.Task[None]] = set()
         self._register_default_services()
 
@@ -413,12 +420,16 @@ class FakeHomeAssistant:
             "time_fired": _now_iso(),
             "context": dict(context) if context is not None else _context(),
         }
+        entity_id = copied.get("entity_id") if event_type == "state_changed" else None
         for client in list(self._clients):
             for sub_id, sub_type in client.subscriptions.items():
                 if sub_type is None or sub_type == event_type:
                     self._send(client, {"id": sub_id, "type": "event", "event": event})
+                    if isinstance(entity_id, str):
+                        self.entity_messages_sent[entity_id] += 1
         if event_type == "state_changed":
             self._forward_entity_changes(copied)
+        self._happened.set()
 
     def _forward_entity_changes(self, data: Mapping[str, Any]) -> None:
         entity_id, old, new = data.get("entity_id"), data.get("old_state"), data.get("new_state")
@@ -432,15 +443,51 @@ class FakeHomeAssistant:
             for sub_id, wanted in client.entity_subscriptions.items():
                 if wanted is None or entity_id in wanted:
                     self._send(client, {"id": sub_id, "type": "event", "event": change})
+                    self.entity_messages_sent[str(entity_id)] += 1
+
+    @property
+    def watched(self) -> frozenset[str]:
+        """Entities some client subscribed to by id with `subscribe_entities`."""
+        return frozenset(
+            entity_id
+            for client in self._clients
+            for wanted in client.entity_subscriptions.values()
+            if wanted is not None
+            for entity_id in wanted
+        )
+
+    async def wait_until(self, predicate: Callable[[], bool], *, within_s: float = 2.0) -> None:
+        """Wait until `predicate()` holds, re-checked after every command and every event."""
+        async with asyncio.timeout(within_s):
+            while not predicate():
+                self._happened.clear()
+                await self._happened.wait()
+
+    async def wait_watching(self, entity_ids: Iterable[str], *, within_s: float = 2.0) -> None:
+        """Wait until a client watches all these entities (its changes then reach it)."""
+        wanted = frozenset(entity_ids)
+        await self.wait_until(lambda: wanted <= self.watched, within_s=within_s)
 
     def add_speaker(
-        self, suffix: str = "dea6", *, model: str = "lx06", name: str | None = None
+        self,
+        suffix: str = "dea6",
+        *,
+        model: str = "lx06",
+        name: str | None = None,
+        registered: bool = False,
     ) -> FakeSpeaker:
-        """A hass-xiaomi-miot speaker: its media_player and its conversation sensor."""
+        """A hass-xiaomi-miot speaker: its media_player and its conversation sensor.
+
+        `registered`: its entities were in the entity registry already (an HA restart),
+        so no `entity_registry_updated` is fired for them.
+        """
         prefix = f"xiaomi_{model}_{suffix}"
         media_player = f"media_player.{prefix}_play_control"
         sensor = f"sensor.{prefix}_conversation"
         name = name or f"Xiaomi {model.upper()} {suffix} Play Control"
+        # New entities enter the entity registry first, then the state machine.
+        for entity_id in () if registered else (media_player, sensor):
+            self.fire_event("entity_registry_updated", {"action": "create", "entity_id": entity_id})
         self.set_state(
             media_player,
             "idle",
@@ -735,6 +782,8 @@ class FakeHomeAssistant:
             self._send_error(client, cur_id, "id_reuse", "Identifier values have to increase.")
             return
         client.last_id = cur_id
+        for hook in list(self.command_hooks):
+            hook(msg)
         handler = {
             "ping": self._cmd_ping,
             "supported_features": self._cmd_supported_features,
@@ -753,6 +802,7 @@ class FakeHomeAssistant:
             self._send_error(client, cur_id, "unknown_command", "Unknown command.")
             return
         await handler(client, cur_id, msg)
+        self._happened.set()
 
     async def _cmd_ping(self, client: _Client, msg_id: int, msg: dict[str, Any]) -> None:
         if self.respond_to_pings:

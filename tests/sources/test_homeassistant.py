@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +17,7 @@ from tests.fakes.homeassistant_server import (
     FakeHomeAssistant,
     conversation_timestamp,
 )
-from xiaoai_bridge.clients.homeassistant import HomeAssistantClient
+from xiaoai_bridge.clients.homeassistant import ENTITY_REGISTRY_UPDATED, HomeAssistantClient
 from xiaoai_bridge.models import Utterance
 from xiaoai_bridge.reconnect import ReconnectPolicy
 from xiaoai_bridge.sources.homeassistant import (
@@ -34,17 +34,28 @@ async def client(ha: FakeHomeAssistant) -> AsyncIterator[HomeAssistantClient]:
     policy = ReconnectPolicy(
         name="homeassistant", logger=_LOGGER, initial_delay_s=0.01, max_delay_s=0.05
     )
-    ha_client = HomeAssistantClient(ha.url, DEFAULT_TOKEN, policy=policy, command_timeout_s=2.0)
+    ha_client = HomeAssistantClient(
+        ha.url,
+        DEFAULT_TOKEN,
+        policy=policy,
+        command_timeout_s=2.0,
+        event_types=(ENTITY_REGISTRY_UPDATED,),
+    )
     await ha_client.start()
     yield ha_client
     await ha_client.aclose()
+
+
+def watching(source: HomeAssistantSource, ha: FakeHomeAssistant) -> Callable[[], bool]:
+    """Whether HA sends the source's sensors and speakers to it (and it knows some)."""
+    return lambda: bool(wanted := source.wanted_entities()) and wanted <= ha.watched
 
 
 @contextlib.asynccontextmanager
 async def listening(
     source: HomeAssistantSource, ha: FakeHomeAssistant
 ) -> AsyncIterator[asyncio.Queue[Utterance]]:
-    """Run the source; yields once its first snapshot was taken, so later records are new."""
+    """Run the source; yields once it watches its entities, so later records reach it."""
     heard: asyncio.Queue[Utterance] = asyncio.Queue()
     taken = ha.commands_of("get_states")
 
@@ -55,8 +66,8 @@ async def listening(
 
     task = asyncio.create_task(consume())
     try:
-        # HA answers get_states at once, so any later record is not in the snapshot.
         await ha.wait_for_commands("get_states", taken + 1)
+        await ha.wait_until(watching(source, ha))
         yield heard
     finally:
         task.cancel()
@@ -246,3 +257,61 @@ def test_xiaoai_answer_reads_tts_then_llm() -> None:
     assert xiaoai_answer({"answers": [{"type": "LLM", "llm": {"text": "大模型"}}]}) == "大模型"
     assert xiaoai_answer({"answers": [{"type": "AUDIO", "audio": {}}]}) == ""
     assert xiaoai_answer({}) == ""
+
+
+async def test_busy_house_never_reaches_the_source(
+    ha: FakeHomeAssistant, client: HomeAssistantClient
+) -> None:
+    speaker = ha.add_speaker()
+    source = HomeAssistantSource(client)
+    async with listening(source, ha) as heard:
+        for i in range(500):
+            ha.set_state(f"sensor.power_{i % 50}", str(i))
+        ha.set_conversation(speaker.sensor, "机器人你好")
+        assert (await next_heard(heard)).text == "机器人你好"
+    assert ha.watched == {speaker.sensor, speaker.media_player}
+    assert not any(key.startswith("sensor.power") for key in ha.entity_messages_sent)
+
+
+async def test_speaker_added_at_runtime_is_watched_and_heard(
+    ha: FakeHomeAssistant, client: HomeAssistantClient
+) -> None:
+    first = ha.add_speaker("aaaa")
+    source = HomeAssistantSource(client)
+    async with listening(source, ha) as heard:
+        second = ha.add_speaker("bbbb")  # its registry entry is created, then its state
+        await ha.wait_watching([second.sensor, second.media_player])
+        ha.set_conversation(second.sensor, "新音箱的问题")
+        utterance = await next_heard(heard)
+    assert (utterance.text, utterance.device) == ("新音箱的问题", second.media_player)
+    assert source.speakers == {
+        first.sensor: first.media_player,
+        second.sensor: second.media_player,
+    }
+
+
+async def test_speaker_without_registry_event_is_found_by_the_periodic_scan(
+    ha: FakeHomeAssistant, client: HomeAssistantClient
+) -> None:
+    source = HomeAssistantSource(client, rediscover_s=0.05)
+    ha.add_speaker("aaaa")
+    async with listening(source, ha) as heard:
+        # hass-xiaomi-miot still loading after an HA restart: the entity was registered before.
+        late = ha.add_speaker("late", registered=True)
+        await ha.wait_watching([late.sensor, late.media_player])
+        ha.set_conversation(late.sensor, "晚到的音箱")
+        assert (await next_heard(heard)).device == late.media_player
+
+
+async def test_record_said_between_snapshot_and_subscription_is_answered(
+    ha: FakeHomeAssistant, client: HomeAssistantClient
+) -> None:
+    speaker = ha.add_speaker()
+
+    def speak_before_subscribing(msg: dict[str, Any]) -> None:
+        if msg.get("type") == "subscribe_entities":
+            ha.set_conversation(speaker.sensor, "机器人刚才说的")
+
+    ha.command_hooks.append(speak_before_subscribing)
+    async with listening(HomeAssistantSource(client), ha) as heard:
+        assert (await next_heard(heard)).text == "机器人刚才说的"

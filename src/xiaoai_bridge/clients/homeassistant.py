@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -15,13 +15,17 @@ from typing import Any, Self
 import aiohttp
 import yarl
 
+from xiaoai_bridge.clients.homeassistant_entities import EntityChange, EntityMirror, valid_entity_id
 from xiaoai_bridge.errors import BridgeError, ConfigError
+from xiaoai_bridge.jsonwire import parse_json
 from xiaoai_bridge.reconnect import ConnectionState, ReconnectPolicy
 
 _LOGGER = logging.getLogger(__name__)
 
 WEBSOCKET_PATH = "/api/websocket"
 STATE_CHANGED = "state_changed"
+# Fired when an entity is created, renamed or removed; non-admin users may subscribe to it.
+ENTITY_REGISTRY_UPDATED = "entity_registry_updated"
 CONVERSATION_ENTITY_CLASS = "XiaoaiConversationSensor"
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
@@ -91,11 +95,28 @@ class HassEvent:
         """Build from the `event` object of an `{"type": "event"}` message."""
         data = event.get("data")
         return cls(
-            event_type=str(event.get("event_type", "")),
+            event_type=_text(event.get("event_type")),
             data=dict(data) if isinstance(data, Mapping) else {},
-            time_fired=str(event.get("time_fired", "")),
-            origin=str(event.get("origin", "")),
+            time_fired=_text(event.get("time_fired")),
+            origin=_text(event.get("origin")),
         )
+
+    @classmethod
+    def from_change(cls, change: EntityChange) -> HassEvent:
+        """A `state_changed` event rebuilt from one `subscribe_entities` change."""
+        return cls(
+            event_type=STATE_CHANGED,
+            data={
+                "entity_id": change.entity_id,
+                "old_state": change.old_state,
+                "new_state": change.new_state,
+            },
+        )
+
+
+def _text(value: Any) -> str:
+    # Only strings are taken: str() of a hostile nested value could recurse or be huge.
+    return value if isinstance(value, str) else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,9 +324,11 @@ class HomeAssistantConnection:
                 f"{self.url} closed the connection during authentication ({msg.type.name})"
             )
         try:
-            data = json.loads(msg.data)
+            data = parse_json(msg.data)
         except ValueError as err:
-            raise HomeAssistantConnectionError(f"invalid JSON from {self.url}") from err
+            raise HomeAssistantConnectionError(
+                f"unreadable message from {self.url}: {err}"
+            ) from err
         if not isinstance(data, dict):
             raise HomeAssistantConnectionError(f"unexpected auth frame from {self.url}")
         return data
@@ -377,25 +400,34 @@ class HomeAssistantConnection:
 
     def _handle_frame(self, raw: str) -> None:
         try:
-            data = json.loads(raw)
-        except ValueError:
-            _LOGGER.warning("ignoring a frame from %s that is not JSON", self.url)
+            data = parse_json(raw)
+        except ValueError as err:
+            _LOGGER.warning("ignoring a frame from %s: %s", self.url, err)
             return
         # With coalesce_messages enabled HA packs queued messages into one JSON array.
         messages = data if isinstance(data, list) else [data]
         for message in messages:
             if isinstance(message, dict):
                 self._handle_message(message)
+            else:
+                _LOGGER.warning(
+                    "ignoring a %s from %s where a message object belongs",
+                    type(message).__name__,
+                    self.url,
+                )
 
     def _handle_message(self, message: dict[str, Any]) -> None:
         msg_id = message.get("id")
         kind = message.get("type")
-        if kind == "event" and isinstance(msg_id, int):
+        # `type(...) is int`: JSON true would otherwise match id 1.
+        if kind == "event" and type(msg_id) is int:
             handler = self._event_handlers.get(msg_id)
             event = message.get("event")
             if handler is not None and isinstance(event, Mapping):
                 handler(event)
-        elif kind in ("result", "pong") and isinstance(msg_id, int):
+            elif handler is not None:
+                _LOGGER.warning("ignoring an event from %s without an event object", self.url)
+        elif kind in ("result", "pong") and type(msg_id) is int:
             future = self._pending.get(msg_id)
             if future is not None and not future.done():
                 future.set_result(message)
@@ -490,7 +522,11 @@ class HomeAssistantConnection:
     async def get_states(self) -> list[dict[str, Any]]:
         """Every entity's current state object."""
         result = await self.command({"type": "get_states"})
-        return [state for state in result or [] if isinstance(state, dict)]
+        if not isinstance(result, list):
+            raise HomeAssistantCommandError(
+                "invalid_result", f"get_states returned a {type(result).__name__}, not a list"
+            )
+        return [state for state in result if isinstance(state, dict)]
 
     async def call_service(
         self,
@@ -520,6 +556,19 @@ class HomeAssistantConnection:
         message: dict[str, Any] = {"type": "subscribe_events"}
         if event_type is not None:
             message["event_type"] = event_type
+        msg_id, _ = await self._command(message, timeout_s=None, on_event=handler)
+        return msg_id
+
+    async def subscribe_entities(self, entity_ids: Collection[str], handler: EventHandler) -> int:
+        """Subscribe `handler` to these entities' compressed states; returns the subscription id.
+
+        HA filters server-side. Its first event is `{"a": {...}}` with the current states,
+        then `a`/`c`/`r` changes (see `EntityMirror`). An empty list would mean every entity,
+        so it is refused here.
+        """
+        if not entity_ids:
+            raise ValueError("subscribe_entities needs at least one entity id")
+        message = {"type": "subscribe_entities", "entity_ids": sorted(entity_ids)}
         msg_id, _ = await self._command(message, timeout_s=None, on_event=handler)
         return msg_id
 
@@ -648,6 +697,9 @@ class HomeAssistantClient:
         self._fatal: HomeAssistantAuthError | None = None
         self._streams: set[EventStream] = set()
         self._task: asyncio.Task[None] | None = None
+        # Entities whose changes are streamed (via subscribe_entities), across reconnects.
+        self._watched: set[str] = set()
+        self._mirror = EntityMirror()
         self.ha_version = ""
         self.connections = 0
 
@@ -758,6 +810,76 @@ class HomeAssistantClient:
             timeout_s=timeout_s,
         )
 
+    @property
+    def watched(self) -> frozenset[str]:
+        """The entities whose state changes this client streams."""
+        return frozenset(self._watched)
+
+    async def watch_entities(self, entity_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """Stream these entities' changes too, as `state_changed` events; returns their states.
+
+        Home Assistant filters server-side, so the rest of the house never reaches us. The
+        returned states are those at subscription time of the entities not watched before
+        (empty when not connected: the next connection subscribes them). Ids HA would
+        reject are left out with a warning, as one of them would fail the whole command.
+        """
+        new: set[str] = set()
+        for entity_id in entity_ids:
+            if entity_id in self._watched:
+                continue
+            if not valid_entity_id(entity_id):
+                _LOGGER.warning("%s: not watching %r: not a valid entity id", self.name, entity_id)
+                continue
+            new.add(entity_id)
+        if not new:
+            return []
+        self._watched |= new
+        connection = self._connection
+        if connection is None or connection.closed:
+            return []
+        try:
+            return await self._subscribe_entities(connection, new)
+        except HomeAssistantError as err:
+            # The reconnect that follows a lost connection subscribes every watched entity.
+            _LOGGER.warning("%s: cannot watch %s yet: %s", self.name, ", ".join(sorted(new)), err)
+            return []
+
+    async def _subscribe_entities(
+        self, connection: HomeAssistantConnection, entity_ids: Collection[str]
+    ) -> list[dict[str, Any]]:
+        initial: asyncio.Future[list[EntityChange]] = asyncio.get_running_loop().create_future()
+
+        def on_event(event: Mapping[str, Any]) -> None:
+            # HA sends the current states as the first event, right after the result; they
+            # enter the mirror at once, as the changes that follow are diffs against them.
+            if not initial.done():
+                initial.set_result(self._mirror.apply(event))
+            else:
+                self._dispatch_changes(event)
+
+        await connection.subscribe_entities(entity_ids, on_event)
+        closed = asyncio.ensure_future(connection.wait_closed())
+        try:
+            await asyncio.wait(
+                (initial, closed),
+                timeout=self._connection_options["command_timeout_s"],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            closed.cancel()
+        if not initial.done():
+            initial.cancel()
+            if connection.closed:
+                raise await connection.wait_closed()
+            raise HomeAssistantCommandError("timeout", "no initial states after subscribe_entities")
+        return [change.new_state for change in initial.result() if change.new_state is not None]
+
+    def _dispatch_changes(self, event: Mapping[str, Any]) -> None:
+        for change in self._mirror.apply(event):
+            item = HassEvent.from_change(change)
+            for stream in list(self._streams):
+                stream._put(item)
+
     async def discover_speakers(self) -> list[ConversationSensor]:
         """The conversation sensors Home Assistant has right now."""
         return discover_conversation_sensors(await self.get_states())
@@ -793,6 +915,10 @@ class HomeAssistantClient:
         async with connection:
             for event_type in self._event_types:
                 await connection.subscribe_events(event_type, self._dispatch)
+            self._mirror = EntityMirror()
+            if self._watched:
+                # Only the baseline: a consumer compares against it after `Subscribed`.
+                await self._subscribe_entities(connection, self._watched)
             self._connection = connection
             self.ha_version = connection.ha_version
             self.connections += 1

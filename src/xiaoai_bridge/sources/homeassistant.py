@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
@@ -10,6 +11,7 @@ from typing import Any
 
 from xiaoai_bridge.clients.homeassistant import (
     CONVERSATION_ENTITY_CLASS,
+    ENTITY_REGISTRY_UPDATED,
     STATE_CHANGED,
     HassEvent,
     HomeAssistantClient,
@@ -24,6 +26,11 @@ _LOGGER = logging.getLogger(__name__)
 SOURCE_NAME = "homeassistant"
 # The hass-xiaomi-miot FAQ's own guard against replayed records is "< 60 s old".
 DEFAULT_FRESHNESS_S = 60.0
+# Discovery mode re-reads every state this often, for speakers whose entity appeared without
+# a registry event (an existing entity that hass-xiaomi-miot was still loading).
+DEFAULT_REDISCOVER_S = 300.0
+# hass-xiaomi-miot names the sensor `<media_player object id>_conversation`.
+_SENSOR_PREFIX, _SENSOR_SUFFIX = "sensor.", "_conversation"
 _NOT_SPEECH = frozenset({"", "unknown", "unavailable", "none"})
 # Epoch values above this are milliseconds (year 5138 in seconds).
 _MS_THRESHOLD = 100_000_000_000
@@ -77,6 +84,7 @@ class HomeAssistantSource:
         catch_up_on_reconnect: bool = True,
         name: str = SOURCE_NAME,
         clock: Callable[[], float] = time.time,
+        rediscover_s: float = DEFAULT_REDISCOVER_S,
     ) -> None:
         """`speakers` maps conversation sensor -> media_player; None discovers them.
 
@@ -91,8 +99,11 @@ class HomeAssistantSource:
         self._catch_up = catch_up_on_reconnect
         self._name = name
         self._clock = clock
+        self._rediscover_s = rediscover_s
         self._discovered: dict[str, str] = {}
         self._latest: dict[str, float] = {}
+        # Entities already handed to the client's watch list.
+        self._asked: set[str] = set()
 
     @property
     def name(self) -> str:
@@ -109,26 +120,90 @@ class HomeAssistantSource:
             }
         return dict(self._discovered)
 
-    async def utterances(self) -> AsyncGenerator[Utterance, None]:
-        """Every fresh utterance, forever; raises HomeAssistantAuthError if the token is bad."""
-        async with self._client.subscribe_events() as stream:
-            async for item in stream:
-                if isinstance(item, Subscribed):
-                    for utterance in await self._snapshot(answer=item.reconnected):
-                        yield utterance
-                elif item.event_type == STATE_CHANGED:
-                    heard = self._on_state_changed(item)
-                    if heard is not None:
-                        yield heard
+    def wanted_entities(self) -> set[str]:
+        """The entities this source listens to: its conversation sensors and their speakers."""
+        wanted = set(self._configured or ()) | set(self._discovered)
+        return wanted | {player for player in self.speakers.values() if player}
 
-    async def _snapshot(self, *, answer: bool) -> list[Utterance]:
+    async def utterances(self) -> AsyncGenerator[Utterance, None]:
+        """Every fresh utterance, forever; raises HomeAssistantAuthError if the token is bad.
+
+        Only the wanted entities' changes reach this source (the client subscribes to them
+        by id), so however busy the house is, nothing else competes for its queue.
+        """
+        async with self._client.subscribe_events() as stream:
+            loop = asyncio.get_running_loop()
+            next_scan = loop.time() + self._rediscover_s
+            while True:
+                try:
+                    scan_at = next_scan if self._configured is None else None
+                    async with asyncio.timeout_at(scan_at):
+                        item = await anext(stream, None)
+                except TimeoutError:
+                    next_scan = loop.time() + self._rediscover_s
+                    found = await self._snapshot(answer=True, warn=False)
+                else:
+                    if item is None:
+                        return  # the client closed
+                    found = await self._judge(item)
+                found += await self._watch_wanted()
+                for utterance in found:
+                    yield utterance
+
+    async def _judge(self, item: Subscribed | HassEvent) -> list[Utterance]:
+        if isinstance(item, Subscribed):
+            return await self._snapshot(answer=item.reconnected and self._catch_up)
+        if item.event_type == STATE_CHANGED:
+            return [heard] if (heard := self._on_state_changed(item)) else []
+        if item.event_type == ENTITY_REGISTRY_UPDATED:
+            return await self._on_registry_updated(item)
+        return []
+
+    async def _watch_wanted(self) -> list[Utterance]:
+        """Ask the client to watch entities found since; judge their states at that moment."""
+        found: list[Utterance] = []
+        while missing := self.wanted_entities() - self._asked:
+            self._asked |= missing
+            for state in await self._client.watch_entities(missing):
+                # A record said between the snapshot and the subscription is new here.
+                if (utterance := self.accept_state(state, answer=True)) is not None:
+                    found.append(utterance)
+        return found
+
+    async def _on_registry_updated(self, event: HassEvent) -> list[Utterance]:
+        """A new (or renamed) conversation sensor: watch it; its first state discovers it."""
+        if self._configured is not None:
+            return []
+        entity_id, old_id = event.data.get("entity_id"), event.data.get("old_entity_id")
+        action = event.data.get("action")
+        if not isinstance(entity_id, str):
+            return []
+        is_new_sensor = (
+            action == "create"
+            and entity_id.startswith(_SENSOR_PREFIX)
+            and entity_id.endswith(_SENSOR_SUFFIX)
+        )
+        renamed = action == "update" and isinstance(old_id, str) and old_id in self._discovered
+        if not (is_new_sensor or renamed) or entity_id in self._asked:
+            return []
+        _LOGGER.debug("%s: %s appeared in the entity registry; watching it", self._name, entity_id)
+        self._asked.add(entity_id)
+        found = []
+        for state in await self._client.watch_entities([entity_id]):
+            if (utterance := self.accept_state(state, answer=True)) is not None:
+                found.append(utterance)
+        return found
+
+    async def _snapshot(self, *, answer: bool, warn: bool = True) -> list[Utterance]:
         try:
             states = await self._client.get_states()
         except HomeAssistantError as err:
             # The next Subscribed marker (after the reconnect) takes a new snapshot.
             _LOGGER.debug("%s: no state snapshot: %s", self._name, err)
             return []
-        found = self.accept_states(states, answer=answer and self._catch_up)
+        found = self.accept_states(states, answer=answer)
+        if not warn:
+            return found
         present = {str(state.get("entity_id", "")) for state in states}
         if self._configured is not None:
             for sensor in sorted(set(self._configured) - present):
