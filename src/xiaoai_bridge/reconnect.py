@@ -1,19 +1,24 @@
-"""Reconnect policy shared by every long-lived connection: jittered, capped backoff."""
+"""Reconnecting every long-lived connection: the backoff policy and the one loop that uses it."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 DEFAULT_INITIAL_DELAY_S = 0.5
 DEFAULT_MAX_DELAY_S = 30.0
 DEFAULT_MULTIPLIER = 2.0
 # Auth failures will not fix themselves in seconds; retry them slowly.
 DEFAULT_AUTH_DELAY_S = 300.0
+
+_T = TypeVar("_T")
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class ConnectionState(enum.Enum):
@@ -93,3 +98,65 @@ class ReconnectPolicy:
         if state is not self.state:
             self.state = state
             self.since = self.clock()
+
+
+class Retry(enum.Enum):
+    """What an error that ended an attempt means for the next one."""
+
+    SOON = "soon"  # the peer is away or failing: back off, jittered and capped
+    SLOWLY = "slowly"  # refused credentials: retrying fast only provokes lockouts
+    NEVER = "never"  # nothing a retry can fix: record it and raise
+
+
+# None: not a connection problem (a bug, a config error); the runner lets it through as is.
+Classify = Callable[[Exception], Retry | None]
+
+
+def classify_by_type(table: Mapping[type[Exception], Retry]) -> Classify:
+    """A Classify from exception types; the first entry the error is an instance of wins."""
+
+    def classify(error: Exception) -> Retry | None:
+        return next((retry for kind, retry in table.items() if isinstance(error, kind)), None)
+
+    return classify
+
+
+class ReconnectRunner:
+    """Runs an attempt ("connect and serve once") again and again until one returns.
+
+    The attempt says when it is connected (`policy.connected()`) and raises when the
+    connection fails or ends; `classify` says whether and how soon to try again, the policy
+    records the failure and says how long to wait. A returning attempt ends the loop with its
+    value; cancellation passes through untouched.
+    """
+
+    def __init__(
+        self,
+        policy: ReconnectPolicy,
+        classify: Classify,
+        *,
+        sleep: Sleep = asyncio.sleep,
+        on_failure: Callable[[Exception, float], None] | None = None,
+    ) -> None:
+        """`on_failure(error, delay)` runs after the policy recorded a retried failure."""
+        self.policy = policy
+        self._classify = classify
+        self._sleep = sleep
+        self._on_failure = on_failure
+
+    async def run(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
+        """Await `attempt()` until it returns; raise what is fatal or not classified."""
+        while True:
+            try:
+                return await attempt()
+            except Exception as err:
+                retry = self._classify(err)
+                if retry is None:
+                    raise
+                if retry is Retry.NEVER:
+                    self.policy.fatal(err)
+                    raise
+                delay = self.policy.failed(err, auth=retry is Retry.SLOWLY)
+                if self._on_failure is not None:
+                    self._on_failure(err, delay)
+            await self._sleep(delay)

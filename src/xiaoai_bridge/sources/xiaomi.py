@@ -30,6 +30,9 @@ from xiaoai_bridge.reconnect import (
     DEFAULT_MAX_DELAY_S,
     ConnectionState,
     ReconnectPolicy,
+    ReconnectRunner,
+    Retry,
+    classify_by_type,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -51,6 +54,15 @@ _SEVERITY = (
 )
 
 Sleep = Callable[[float], Awaitable[None]]
+_CLASSIFY = classify_by_type(
+    {
+        # The client already logged in again once; more attempts soon would only provoke
+        # Xiaomi's risk control.
+        XiaomiAuthError: Retry.SLOWLY,
+        # Unavailable, rate limited, or an answer we cannot read: back off.
+        XiaomiError: Retry.SOON,
+    }
+)
 
 
 def redact_id(value: str) -> str:
@@ -310,17 +322,10 @@ class XiaomiSource:
                 poller.policy.stopped()
 
     async def _discover(self) -> list[MinaDevice]:
-        while True:
-            try:
-                devices = await self.resolve_speakers()
-            except XiaomiAuthError as err:
-                delay = self.discovery.failed(err, auth=True)
-            except XiaomiError as err:
-                delay = self.discovery.failed(err)
-            else:
-                self.discovery.connected()
-                return devices
-            await self._sleep(delay)
+        # A ConfigError (unknown speaker) is not retried: the runner lets it through.
+        devices = await self._runner(self.discovery).run(self.resolve_speakers)
+        self.discovery.connected()
+        return devices
 
     async def _poll(
         self, poller: SpeakerPoller, start_ms: int, queue: asyncio.Queue[Utterance]
@@ -337,19 +342,10 @@ class XiaomiSource:
             max_pages=self._max_pages,
             clock=self._clock,
         )
-        # A random first offset spreads speakers over the interval from the start.
-        await self._sleep(self._rng.uniform(0, self._interval_s))
-        while True:
-            try:
+
+        async def poll_until_failure() -> None:
+            while True:
                 records = await cursor.poll()
-            except XiaomiAuthError as err:
-                # The client already logged in again once; more attempts soon would only
-                # provoke Xiaomi's risk control.
-                delay = poller.policy.failed(err, auth=True)
-            except XiaomiError as err:
-                # Unavailable, rate limited, or an answer we cannot read: back off.
-                delay = poller.policy.failed(err)
-            else:
                 poller.policy.connected()
                 poller.polls += 1
                 poller.last_poll = self._clock()
@@ -358,8 +354,11 @@ class XiaomiSource:
                     if utterance is not None:
                         poller.heard += 1
                         await queue.put(utterance)
-                delay = self._next_delay(poller)
-            await self._sleep(delay)
+                await self._sleep(self._next_delay(poller))
+
+        # A random first offset spreads speakers over the interval from the start.
+        await self._sleep(self._rng.uniform(0, self._interval_s))
+        await self._runner(poller.policy).run(poll_until_failure)
 
     def _next_delay(self, poller: SpeakerPoller) -> float:
         continuous = self._clock() < poller.continuous_until
@@ -386,6 +385,9 @@ class XiaomiSource:
             said_at=record.time_ms / 1000,
             extra=extra,
         )
+
+    def _runner(self, policy: ReconnectPolicy) -> ReconnectRunner:
+        return ReconnectRunner(policy, _CLASSIFY, sleep=self._sleep)
 
     def _policy(self, name: str) -> ReconnectPolicy:
         return ReconnectPolicy(
