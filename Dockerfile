@@ -1,19 +1,19 @@
 # xiaoai-bridge container image: docker build -t xiaoai-bridge .
 # Config: /config/xiaoai-bridge.toml (mount read-only), state: /data (a volume).
-ARG PYTHON_VERSION=3.12
+# BASE_IMAGE: any image with python3 >= 3.11 and its venv module, e.g. the default, or plain
+# Debian with python3 and python3-venv (scripts/container-test builds on that).
+ARG BASE_IMAGE=python:3.12-slim
 
-# -- build: a wheel of the project (and of its dependencies), installed into a venv -------------
-FROM python:${PYTHON_VERSION}-slim AS build
+# -- build: the project installed into a venv ------------------------------------------------
+FROM ${BASE_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip wheel --wheel-dir /wheels . \
-    && python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-index --find-links /wheels xiaoai-bridge
+RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install .
 
 # -- runtime: the venv only, run as an unprivileged user --------------------------------------
-FROM python:${PYTHON_VERSION}-slim
+FROM ${BASE_IMAGE}
 RUN groupadd --system --gid 10001 xiaoai \
     && useradd --system --uid 10001 --gid xiaoai --home-dir /data --no-create-home \
         --shell /usr/sbin/nologin xiaoai \
