@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from xiaoai_bridge.config import (
+    DEFAULT_FIRST_CLAUSE_CHARS,
     DEFAULT_QUESTION_TOPIC,
     DEFAULT_REPLY_TOPIC,
     DEFAULT_STRIP_REGEX,
@@ -14,6 +15,7 @@ from xiaoai_bridge.config import (
     load_settings,
 )
 from xiaoai_bridge.errors import ConfigError
+from xiaoai_bridge.pipeline import chunker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,6 +49,8 @@ def test_example_config_loads_and_uses_defaults() -> None:
     settings = load_settings(REPO / "xiaoai-bridge.example.toml")
     assert settings.mqtt.question_topic == "/xiaomi/chatgpt"
     assert settings.memory.forget_commands == ("清空对话", "忘掉之前的对话")
+    assert settings.speech.first_clause_chars == DEFAULT_FIRST_CLAUSE_CHARS
+    assert DEFAULT_FIRST_CLAUSE_CHARS == chunker.DEFAULT_FIRST_CLAUSE_CHARS
 
 
 def test_environment_wins_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,6 +102,7 @@ def test_mqtt_url_is_parsed(tmp_path: Path) -> None:
         ('[trigger]\nmode = "sometimes"\n', "trigger.mode:"),
         ('[llm]\nmodle = "x"\n', "llm.modle: unknown key"),
         ('[mqtt]\nquestion_topic = "a/#"\n', "mqtt.question_topic: must be a non-empty topic"),
+        ("[speech]\nfirst_clause_chars = -1\n", "speech.first_clause_chars:"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, expected: str) -> None:

@@ -94,6 +94,7 @@ async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
         forget_commands=settings.memory.forget_commands,
         min_chunk_chars=settings.speech.min_chars,
         max_chunk_chars=settings.speech.max_chars,
+        first_clause_chars=settings.speech.first_clause_chars,
         max_concurrent_llm=settings.llm.max_concurrent,
         answer_timeout_s=settings.llm.answer_timeout_s,
         triggers=triggers,

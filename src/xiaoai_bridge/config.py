@@ -71,6 +71,7 @@ DEFAULT_FORGET_COMMANDS = ("清空对话", "忘掉之前的对话")
 
 DEFAULT_MIN_CHUNK_CHARS = 4
 DEFAULT_MAX_CHUNK_CHARS = 120
+DEFAULT_FIRST_CLAUSE_CHARS = 8
 
 
 def default_data_dir() -> Path:
@@ -621,6 +622,12 @@ class SpeechSettings(_Section):
         default=DEFAULT_MAX_CHUNK_CHARS,
         ge=8,
         description="Longer runs are cut at a comma or space.",
+    )
+    first_clause_chars: int = Field(
+        default=DEFAULT_FIRST_CLAUSE_CHARS,
+        ge=0,
+        description="An answer's first chunk already ends at a comma (，、： , :) once it is "
+        "this long, so the first words are spoken sooner; 0 waits for the first sentence.",
     )
 
 

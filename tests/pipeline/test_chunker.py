@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xiaoai_bridge.pipeline.chunker import (
+    DEFAULT_FIRST_CLAUSE_CHARS,
     DEFAULT_MAX_CHARS,
     MAX_TRAILING_PUNCTUATION,
     SentenceChunker,
@@ -103,7 +104,8 @@ def feed_each(deltas: list[str], **kwargs: int) -> tuple[list[list[str]], str]:
     ],
 )
 def test_sentence_boundaries(text: str, expected: list[str]) -> None:
-    assert chunk_all([text]) == expected
+    # Sentences alone: the first chunk's early clause break is tested below.
+    assert chunk_all([text], first_clause_chars=0) == expected
 
 
 @pytest.mark.parametrize(
@@ -297,6 +299,115 @@ def test_flush_resets_for_the_next_answer() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "今天北京的天气很好，适合大家出门去散步。最高气温二十五度，记得多喝水哦。",
+            ["今天北京的天气很好，", "适合大家出门去散步。", "最高气温二十五度，记得多喝水哦。"],
+            id="first-clause-then-sentences",
+        ),
+        pytest.param(
+            "材料有面粉、鸡蛋、牛奶和白糖。",
+            ["材料有面粉、鸡蛋、", "牛奶和白糖。"],
+            id="enumeration",
+        ),
+        pytest.param(
+            "今天的天气预报如下：北京晴。", ["今天的天气预报如下：", "北京晴。"], id="cjk-colon"
+        ),
+        pytest.param(
+            "好的，我来帮你查一下。", ["好的，我来帮你查一下。"], id="too-short-to-stand-alone"
+        ),
+        pytest.param(
+            "嗯。今天北京的天气很好，适合出门。",
+            ["嗯。今天北京的天气很好，", "适合出门。"],
+            id="short-sentence-counts-toward-the-clause",
+        ),
+        pytest.param(
+            "In Beijing today, it is sunny. Enjoy it, and stay cool.",
+            ["In Beijing today,", "it is sunny.", "Enjoy it, and stay cool."],
+            id="english",
+        ),
+        pytest.param(
+            "About 21,000,000 people, roughly.",
+            ["About 21,000,000 people,", "roughly."],
+            id="thousands-separator",
+        ),
+        pytest.param(
+            "Pi is about 3.14159, as you know.",
+            ["Pi is about 3.14159,", "as you know."],
+            id="decimal",
+        ),
+        pytest.param(
+            "We meet at 10:30 tomorrow: see you.",
+            ["We meet at 10:30 tomorrow:", "see you."],
+            id="clock-time",
+        ),
+        pytest.param(
+            "他说：“今天的天气很好，我们出去玩吧。”然后走了。",
+            ["他说：“今天的天气很好，我们出去玩吧。”然后走了。"],
+            id="not-inside-a-quotation",
+        ),
+        pytest.param(
+            "注意（这一步非常重要，千万别忘），然后保存文件。",
+            ["注意（这一步非常重要，千万别忘），", "然后保存文件。"],
+            id="not-inside-brackets",
+        ),
+        pytest.param(
+            "“这个问题问得很好，”他笑着说，“我们一起想想。”",
+            ["“这个问题问得很好，”他笑着说，", "“我们一起想想。”"],
+            id="quotation-inside-the-clause",
+        ),
+        pytest.param(
+            '"Well, that is a good one," she said, "let us see."',
+            ['"Well, that is a good one,"', 'she said, "let us see."'],
+            id="english-quotation",
+        ),
+        pytest.param(
+            "## 天气预报\n今天北京的天气很好，适合出门。",
+            ["## 天气预报", "今天北京的天气很好，适合出门。"],
+            id="first-line-is-the-first-chunk",
+        ),
+    ],
+)
+def test_first_chunk_ends_at_a_clause_break(text: str, expected: list[str]) -> None:
+    assert chunk_all([text]) == expected
+
+
+def test_clause_goes_out_when_the_next_character_comes() -> None:
+    clause = "今天北京的天气很好，"
+    per_delta, rest = feed_each([*clause, "适", "合出门。"])
+    assert per_delta == [[]] * len(clause) + [[clause], []]
+    assert rest == "适合出门。"
+
+
+def test_english_clause_waits_for_the_space() -> None:
+    assert feed_each(["In Beijing today,", " it", " is sunny."]) == (
+        [[], ["In Beijing today,"], []],
+        "it is sunny.",
+    )
+
+
+def test_every_answer_gets_an_early_first_clause() -> None:
+    chunker = SentenceChunker()
+    assert chunker.feed("今天北京的天气很好，适合出门，") == ["今天北京的天气很好，"]
+    assert chunker.feed("也适合跑步，对吧") == []
+    assert chunker.flush() == "适合出门，也适合跑步，对吧"
+    assert chunker.feed("明天上海会下大雨，记得带伞。") == ["明天上海会下大雨，"]
+
+
+def test_first_clause_chars_is_configurable() -> None:
+    text = "今天北京的天气很好，适合出门。"
+    assert chunk_all([text], first_clause_chars=0) == [text]
+    assert chunk_all([text], first_clause_chars=11) == [text]
+    assert chunk_all([text], first_clause_chars=10) == ["今天北京的天气很好，", "适合出门。"]
+    # Never shorter than a sentence may be.
+    assert chunk_all(["北京晴，适合出门。"], first_clause_chars=1, min_chars=5) == [
+        "北京晴，适合出门。"
+    ]
+    assert DEFAULT_FIRST_CLAUSE_CHARS > 4  # "好的，" and "Well," stay with what follows
+
+
+@pytest.mark.parametrize(
     ("min_chars", "max_chars"), [(-1, 10), (11, 10), (0, 0)], ids=["negative", "min>max", "max0"]
 )
 def test_rejects_bad_limits(min_chars: int, max_chars: int) -> None:
@@ -304,12 +415,18 @@ def test_rejects_bad_limits(min_chars: int, max_chars: int) -> None:
         SentenceChunker(min_chars=min_chars, max_chars=max_chars)
 
 
+def test_rejects_a_negative_first_clause() -> None:
+    with pytest.raises(ValueError, match="first_clause_chars"):
+        SentenceChunker(first_clause_chars=-1)
+
+
 # Properties over text built from the characters that drive decisions.
-_ALPHABET = list("天气很好我们ab Z19。！？；…….!?;”’」』）)]\"'，、：:,\n \t")
+_ALPHABET = list("天气很好我们ab Z19。！？；…….!?;“（(”’」』）)]\"'，、：:,\n \t")
 _texts = st.text(alphabet=st.sampled_from(_ALPHABET), max_size=300)
 _limits = st.integers(1, 40).flatmap(
     lambda max_chars: st.tuples(st.integers(0, min(8, max_chars)), st.just(max_chars))
 )
+_clauses = st.integers(0, 12)
 _RUN_CHARS = "。！？；…｡.!?;”’」』）)]\"'》】"
 
 
@@ -330,21 +447,29 @@ def _assert_lossless(text: str, chunks: list[str]) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=_texts, cuts=st.lists(st.integers(0, 400), max_size=30), limits=_limits)
+@given(
+    text=_texts,
+    cuts=st.lists(st.integers(0, 400), max_size=30),
+    limits=_limits,
+    clause=_clauses,
+)
 def test_any_delta_split_gives_the_same_chunks(
-    text: str, cuts: list[int], limits: tuple[int, int]
+    text: str, cuts: list[int], limits: tuple[int, int], clause: int
 ) -> None:
     min_chars, max_chars = limits
-    whole = chunk_all([text], min_chars=min_chars, max_chars=max_chars)
-    assert chunk_all(_split(text, cuts), min_chars=min_chars, max_chars=max_chars) == whole
-    assert chunk_all(list(text), min_chars=min_chars, max_chars=max_chars) == whole
+    kwargs = {"min_chars": min_chars, "max_chars": max_chars, "first_clause_chars": clause}
+    whole = chunk_all([text], **kwargs)
+    assert chunk_all(_split(text, cuts), **kwargs) == whole
+    assert chunk_all(list(text), **kwargs) == whole
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=_texts, limits=_limits)
-def test_no_character_lost_or_duplicated(text: str, limits: tuple[int, int]) -> None:
+@given(text=_texts, limits=_limits, clause=_clauses)
+def test_no_character_lost_or_duplicated(text: str, limits: tuple[int, int], clause: int) -> None:
     min_chars, max_chars = limits
-    chunks = chunk_all(list(text), min_chars=min_chars, max_chars=max_chars)
+    chunks = chunk_all(
+        list(text), min_chars=min_chars, max_chars=max_chars, first_clause_chars=clause
+    )
     _assert_lossless(text, chunks)
     for chunk in chunks:
         assert chunk
@@ -361,3 +486,22 @@ def test_chunks_within_a_line_respect_min_chars(text: str, limits: tuple[int, in
     chunker = SentenceChunker(min_chars=min_chars, max_chars=max(max_chars, min_chars + 1))
     for chunk in chunker.feed(text):
         assert len(chunk) >= min_chars
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=_texts, limits=_limits, clause=_clauses.filter(bool))
+def test_only_the_first_chunk_ends_early(text: str, limits: tuple[int, int], clause: int) -> None:
+    min_chars, max_chars = limits
+    kwargs = {"min_chars": min_chars, "max_chars": max_chars}
+    chunks = chunk_all([text], first_clause_chars=clause, **kwargs)
+    sentences = chunk_all([text], first_clause_chars=0, **kwargs)
+    if chunks == sentences:
+        return
+    first = chunks[0]
+    assert first.rstrip(_RUN_CHARS)[-1] in "，、：:,"
+    if len(chunks) > 1:
+        assert len(first) >= max(clause, min_chars)
+    # else the answer ended while a closing quote could still have followed the break.
+    rest = text.lstrip()[len(first) :]
+    # After the first chunk, it is cut exactly as sentences alone would be.
+    assert chunks[1:] == chunk_all([rest], first_clause_chars=0, **kwargs)

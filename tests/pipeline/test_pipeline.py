@@ -146,6 +146,40 @@ async def test_answer_timings_and_memory(pipeline: tuple[Pipeline, Clock], llm: 
     assert [m.content for m in pipe.memory.history("kitchen")] == ["hi", answer.text]
 
 
+async def test_first_words_go_out_at_the_first_clause(
+    pipeline: tuple[Pipeline, Clock], llm: FakeOpenAI
+) -> None:
+    pipe, _ = pipeline
+    llm.answer = "今天北京的天气很好，适合出门散步。最高气温二十五度，记得多喝水。"
+    sink = Recorder()
+    answer = await pipe.handle(said("机器人 天气"), sink)
+    assert [c.text for c in sink.chunks] == [
+        "今天北京的天气很好，",
+        "适合出门散步。",
+        "最高气温二十五度，记得多喝水。",
+    ]
+    assert answer.text == llm.answer
+    llm.answer = "In Beijing today, it is sunny."
+    assert (await pipe.handle(said("机器人 weather"), sink)).text == llm.answer
+
+
+async def test_first_clause_can_be_turned_off(llm: FakeOpenAI) -> None:
+    backend = OpenAICompatBackend(llm_settings(llm))
+    memory = ConversationMemory(None, max_turns=5, max_tokens=1000)
+    memory.open()
+    settings = PipelineSettings(system_prompt="系统", first_clause_chars=0)
+    trigger = Trigger(strip_regex="", mode="all", keywords=())
+    pipe = Pipeline(backend=backend, memory=memory, settings=settings, default_trigger=trigger)
+    llm.answer = "今天北京的天气很好，适合出门散步。"
+    sink = Recorder()
+    try:
+        await pipe.handle(said("天气"), sink)
+    finally:
+        memory.close()
+        await backend.aclose()
+    assert [c.text for c in sink.chunks] == [llm.answer]
+
+
 def test_join_sentences_spaces_only_between_western_text() -> None:
     assert join_sentences(["你好。", "再见。"]) == "你好。再见。"
     assert join_sentences(["Hello.", "Bye."]) == "Hello. Bye."

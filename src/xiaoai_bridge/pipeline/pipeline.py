@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from xiaoai_bridge.errors import BridgeError, LLMError
 from xiaoai_bridge.llm.base import ChatBackend, ChatMessage
 from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
-from xiaoai_bridge.pipeline.chunker import SentenceChunker
+from xiaoai_bridge.pipeline.chunker import DEFAULT_FIRST_CLAUSE_CHARS, SentenceChunker
 from xiaoai_bridge.pipeline.memory import ConversationMemory
 from xiaoai_bridge.pipeline.speech import SpeechCleaner
 from xiaoai_bridge.pipeline.trigger import Trigger
@@ -69,6 +69,7 @@ class PipelineSettings:
     forget_commands: Iterable[str] = ()
     min_chunk_chars: int = 4
     max_chunk_chars: int = 120
+    first_clause_chars: int = DEFAULT_FIRST_CLAUSE_CHARS
     max_concurrent_llm: int = 64
     answer_timeout_s: float = 120.0
     # By source name, or "source/device" for one speaker; else the default trigger.
@@ -180,7 +181,9 @@ class Pipeline:
             ChatMessage("user", question),
         ]
         chunker = SentenceChunker(
-            min_chars=self._settings.min_chunk_chars, max_chars=self._settings.max_chunk_chars
+            min_chars=self._settings.min_chunk_chars,
+            max_chars=self._settings.max_chunk_chars,
+            first_clause_chars=self._settings.first_clause_chars,
         )
         cleaner = SpeechCleaner()
         try:
