@@ -134,3 +134,29 @@ def test_a_config_file_with_secrets_readable_by_others_is_warned_about(
     write(tmp_path, '[llm]\nmodel = "x"\n').chmod(0o644)  # no secret: nothing to say
     load_settings(tmp_path / "config.toml")
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("token", ["", "x", "short-token-15ch"[:15], " " * 20])
+def test_a_weak_http_token_beyond_loopback_is_refused(tmp_path: Path, token: str) -> None:
+    text = f'[http]\nhost = "0.0.0.0"\ntoken = "{token}"\n'
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    message = str(caught.value)
+    assert "http.token: too short" in message
+    assert "at least 16 characters" in message
+    assert "secrets.token_urlsafe(24)" in message
+    assert token.strip() == "" or token not in message.replace("http.token", "")
+    strong = load_settings(
+        write(tmp_path, '[http]\nhost = "0.0.0.0"\ntoken = "' + "k" * 16 + '"\n')
+    )
+    assert strong.http.token is not None
+    # On loopback a token is an extra, not the only lock: any length is the user's choice.
+    assert load_settings(write(tmp_path, '[http]\ntoken = "x"\n')).http.token is not None
+
+
+def test_allowed_hosts_are_names(tmp_path: Path) -> None:
+    loaded = load_settings(write(tmp_path, '[http]\nallowed_hosts = ["Bridge.Home.Arpa.", "*"]\n'))
+    assert loaded.http.allowed_hosts == ("bridge.home.arpa", "*")
+    for bad in ("http://bridge.lan", "bridge.lan:8099", "a b"):
+        with pytest.raises(ConfigError, match=r"http\.allowed_hosts.*not a host name"):
+            load_settings(write(tmp_path, f'[http]\nallowed_hosts = ["{bad}"]\n'))

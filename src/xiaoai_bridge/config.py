@@ -546,6 +546,10 @@ class XiaomiSettings(_Section):
 
 DEFAULT_HTTP_PORT = 8099
 _LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+# A token guessable in an afternoon is no lock once the page is on the LAN.
+MIN_HTTP_TOKEN_CHARS = 16
+ANY_HOST = "*"
+_HOST_NAME_RE = re.compile(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?")
 
 
 class HttpSettings(_Section):
@@ -567,6 +571,26 @@ class HttpSettings(_Section):
         description="This server as the speakers reach it, e.g. http://192.168.1.5:8099; "
         'needed by [xiaomi] tts = "url".',
     )
+    allowed_hosts: tuple[str, ...] = Field(
+        default=(),
+        description="More host names the page answers to (e.g. a reverse proxy's name); "
+        "localhost, address literals, this machine's hostname and public_url's host always "
+        'work; "*" allows any (turns off the DNS-rebinding check).',
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        names = []
+        for entry in value:
+            name = entry.strip().lower().rstrip(".")
+            if name != ANY_HOST and not _HOST_NAME_RE.fullmatch(name):
+                raise ValueError(
+                    f"{entry!r} is not a host name; give names without scheme or port, "
+                    f'e.g. "bridge.home.arpa", or "{ANY_HOST}" for any'
+                )
+            names.append(name)
+        return tuple(names)
 
     @field_validator("public_url")
     @classmethod
@@ -584,10 +608,18 @@ class HttpSettings(_Section):
 
     @model_validator(mode="after")
     def _token_beyond_loopback(self) -> HttpSettings:
-        if self.enabled and self.host not in _LOOPBACK_HOSTS and self.token is None:
+        if not self.enabled or self.host in _LOOPBACK_HOSTS:
+            return self
+        generate = "python3 -c 'import secrets; print(secrets.token_urlsafe(24))'"
+        if self.token is None:
             raise ValueError(
                 f"http.token: required when http.host is {self.host!r} (beyond loopback); "
-                f"set it with ${ENV_PREFIX}HTTP__TOKEN"
+                f"generate one with {generate} and set it, or ${ENV_PREFIX}HTTP__TOKEN"
+            )
+        if len(self.token.get_secret_value().strip()) < MIN_HTTP_TOKEN_CHARS:
+            raise ValueError(
+                f"http.token: too short to guard http.host {self.host!r} (beyond loopback): "
+                f"use at least {MIN_HTTP_TOKEN_CHARS} characters; generate one with {generate}"
             )
         return self
 

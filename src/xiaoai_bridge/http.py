@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import enum
 import hmac
+import ipaddress
 import json
 import logging
 import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -24,8 +26,9 @@ from pydantic import BaseModel, SecretBytes, SecretStr
 
 from xiaoai_bridge import __version__
 from xiaoai_bridge.audio import AUDIO_PATH, NAME_RE
-from xiaoai_bridge.config import HttpSettings
+from xiaoai_bridge.config import ANY_HOST, HttpSettings
 from xiaoai_bridge.errors import ConfigError
+from xiaoai_bridge.jsonwire import parse_json
 from xiaoai_bridge.metrics import BridgeMetrics
 from xiaoai_bridge.models import Answer, SpeechChunk, Utterance
 from xiaoai_bridge.reconnect import ConnectionState, ReconnectPolicy
@@ -56,6 +59,18 @@ _ASSETS = {
     "favicon.svg": "image/svg+xml",
 }
 _OPEN_PATHS = frozenset({"/healthz"})
+# Read by machines under names the bridge cannot know (a Docker health check, Prometheus by a
+# compose service name); they show no conversation and no config, so any Host may read them.
+_ANY_HOST_PATHS = frozenset({"/healthz", "/metrics"})
+_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain"})
+_SAFE_METHODS = frozenset({"GET", "HEAD"})
+# Sec-Fetch-Site values of requests the page itself (or the user, typing a URL) makes.
+_OWN_FETCH_SITES = frozenset({"same-origin", "none"})
+_JSON_TYPE = "application/json"
+_CROSS_ORIGIN = (
+    "cross-origin requests are refused: only the status page itself (or a client that is not a "
+    "browser) may change anything"
+)
 _STATIC_PREFIX = "/static/"
 _SECRET_NAME_RE = re.compile(r"token|passw|secret|api_?key|credential|auth", re.IGNORECASE)
 _PAGE_HEADERS = {
@@ -179,6 +194,7 @@ class HttpServer:
         self.log = ConversationLog(clock=clock)
         self._assets: dict[str, bytes] = {}
         self._runner: web.AppRunner | None = None
+        self._host_names: frozenset[str] = frozenset()
         self.port = 0
 
     @property
@@ -190,6 +206,7 @@ class HttpServer:
     async def start(self) -> None:
         """Start listening, then watch the dispatcher (the app opens it only when enabled)."""
         self._assets = await asyncio.to_thread(_load_assets)
+        self._host_names = _own_host_names(self._settings)
         runner = web.AppRunner(
             self._application(),
             access_log_class=_AccessLogger,
@@ -266,7 +283,9 @@ class HttpServer:
 
     def _application(self) -> web.Application:
         app = web.Application(
-            client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._auth]
+            client_max_size=MAX_BODY_BYTES,
+            # The token is checked before the body, so a stranger learns nothing of the API.
+            middlewares=[self._errors, self._own_name, self._auth, self._same_origin],
         )
         app.router.add_get("/", self._page)
         app.router.add_get(_STATIC_PREFIX + "{name}", self._asset)
@@ -300,6 +319,63 @@ class HttpServer:
             # The request boundary: one bad request must never take the service down.
             _LOGGER.exception("HTTP %s %s failed", request.method, request.path)
             return _error(500, "internal error; the service log has the details")
+
+    @web.middleware
+    async def _own_name(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Answer only names of this machine, and no CORS preflight."""
+        host = request.headers.get("Host")
+        if (
+            host is not None
+            and request.path not in _ANY_HOST_PATHS
+            # A speaker fetches clips by public_url; the clip's random name is its key.
+            and not request.path.startswith(AUDIO_PATH)
+            and not self._names_this_machine(host)
+        ):
+            # A page whose name was re-pointed at this machine (DNS rebinding) gets nothing.
+            raise _Rejected(
+                421,
+                f"this server does not answer to the name {_host_name(host)!r} (a guard "
+                "against DNS rebinding); open it by IP address or as localhost, or add the "
+                "name to [http] allowed_hosts",
+            )
+        if request.method == "OPTIONS":
+            # A CORS preflight: no other site may call the API from a browser.
+            raise _Rejected(403, _CROSS_ORIGIN)
+        return await handler(request)
+
+    @web.middleware
+    async def _same_origin(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Refuse changes sent by web pages of other sites, through the user's browser."""
+        if request.method in _SAFE_METHODS or request.match_info.http_exception is not None:
+            return await handler(request)
+        if not _from_own_page(request):
+            raise _Rejected(403, _CROSS_ORIGIN)
+        # Only a "simple" content type skips the browser's preflight; JSON never does.
+        if request.content_type != _JSON_TYPE:
+            raise _Rejected(
+                415,
+                f"send the body as JSON with 'Content-Type: {_JSON_TYPE}' "
+                f"(got {request.headers.get('Content-Type') or 'none'!r})",
+            )
+        return await handler(request)
+
+    def _names_this_machine(self, host_header: str) -> bool:
+        name = _host_name(host_header)
+        if not name or ANY_HOST in self._host_names or name in self._host_names:
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True  # an address literal cannot be re-pointed by DNS
 
     @web.middleware
     async def _auth(
@@ -462,6 +538,59 @@ async def open_http(service: Service, settings: HttpSettings) -> AsyncIterator[H
         await server.stop()
 
 
+def _own_host_names(settings: HttpSettings) -> frozenset[str]:
+    """The names a browser may use for this server (address literals are always fine)."""
+    names = set(_LOCAL_NAMES) | set(settings.allowed_hosts)
+    names.add(settings.host.lower())
+    hostname = socket.gethostname().lower().rstrip(".")
+    if hostname:
+        short = hostname.split(".")[0]
+        names |= {hostname, short, f"{short}.local"}
+    if settings.public_url:
+        public = urlsplit(settings.public_url).hostname
+        if public:
+            names.add(public.lower())
+    return frozenset(names)
+
+
+def _host_name(host_header: str) -> str:
+    """The name in a Host header: no port, no IPv6 brackets, no trailing dot, lower case."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def _from_own_page(request: web.Request) -> bool:
+    """False when a browser says the request comes from a page of another origin."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site.lower() in _OWN_FETCH_SITES
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True  # not a browser (browsers send Origin on every POST)
+    return _same_authority(origin, request.headers.get("Host", ""))
+
+
+def _same_authority(origin: str, host_header: str) -> bool:
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False  # "null": a sandboxed frame, a file, a data: URL
+    default = 443 if parts.scheme == "https" else 80
+    try:
+        served = urlsplit(f"//{host_header}")
+        served_port = served.port
+    except ValueError:
+        return False
+    return (parts.hostname, port or default) == (served.hostname, served_port or default)
+
+
 def _load_assets() -> dict[str, bytes]:
     return {name: (WEB_DIR / name).read_bytes() for name in _ASSETS}
 
@@ -503,11 +632,9 @@ async def _json_object(
     raw = await request.read()  # beyond client_max_size: HTTPRequestEntityTooLarge (413)
     example = json.dumps(dict.fromkeys(required, "..."))
     try:
-        data = json.loads(raw)
+        data = parse_json(raw)
     except ValueError as err:
-        raise _Rejected(400, f"the body is not valid JSON ({err}); send e.g. {example}") from None
-    except RecursionError:
-        raise _Rejected(400, "the body's JSON is nested too deeply") from None
+        raise _Rejected(400, f"the body cannot be read: {err}; send e.g. {example}") from None
     if not isinstance(data, dict):
         raise _Rejected(400, f"the body must be a JSON object, e.g. {example}")
     for name in required:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from xiaoai_bridge.http import MAX_BODY_BYTES, HttpServer, open_http
 TOKEN = "page-token-7f3a9c"
 MQTT_PASSWORD = "mqtt-pass-51d2e8"
 _POLL_S = 0.05
+JSON_TYPE = {"Content-Type": "application/json"}
 
 
 @dataclass
@@ -367,11 +369,15 @@ async def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_running(
             ("POST", "/api/ask", {"data": b"[" * 200_000}, 413, "too large"),
         ]
         for method, path, kwargs, status, message in cases:
+            if "data" in kwargs:  # a JSON client's mistakes: the type is right, the body is not
+                kwargs["headers"] = {"Content-Type": "application/json"}
             got, body = await bridge.call(method, path, **kwargs)
             assert got == status, (method, path, kwargs, got, body)
             assert isinstance(body, dict), (method, path, body)
             assert message in body["error"], (method, path, body)
-        _, deep = await bridge.call("POST", "/api/ask", data=b"[" * 50_000, expect=400)
+        _, deep = await bridge.call(
+            "POST", "/api/ask", data=b"[" * 50_000, headers=JSON_TYPE, expect=400
+        )
         assert "nested too deeply" in deep["error"]
         async with bridge.client.post(bridge.base + "/healthz") as response:
             assert response.headers["Allow"] == "GET,HEAD"
@@ -444,3 +450,122 @@ async def test_open_event_streams_end_when_the_server_stops(
             assert rest == []
             assert loop.time() - started < 1.5  # ended at once, not after a drain timeout
         assert bridge.http.log.subscribers == 0
+
+
+async def test_a_foreign_web_page_cannot_change_anything(
+    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI
+) -> None:
+    async with running(http_settings(tmp_path, mosquitto, llm)) as bridge:
+        await bridge.wait_health(200)
+        evil = "http://evil.example"
+        # What a page on another site can send without a preflight: a "simple" request.
+        simple = {"data": b'{"enabled": false}', "headers": {"Content-Type": "text/plain"}}
+        json_body = {"json": {"enabled": False}}
+        refused: list[tuple[dict[str, Any], dict[str, str], int, str]] = [
+            (simple, {"Origin": evil}, 403, "cross-origin"),
+            (simple, {"Origin": evil, "Sec-Fetch-Site": "cross-site"}, 403, "cross-origin"),
+            (json_body, {"Origin": evil}, 403, "cross-origin"),
+            (json_body, {"Origin": "null"}, 403, "cross-origin"),
+            (json_body, {"Sec-Fetch-Site": "cross-site"}, 403, "cross-origin"),
+            # Another port of this machine is the same site but another origin.
+            (json_body, {"Sec-Fetch-Site": "same-site"}, 403, "cross-origin"),
+            (json_body, {"Origin": "http://127.0.0.1:1"}, 403, "cross-origin"),
+            # Not a browser, but not JSON either: a page could send exactly this.
+            (simple, {}, 415, "Content-Type: application/json"),
+            ({"data": b"enabled=false"}, {}, 415, "Content-Type: application/json"),
+        ]
+        for path in ("/api/answering", "/api/forget", "/api/ask"):
+            for kwargs, headers, status, message in refused:
+                sent = {**kwargs, "headers": {**kwargs.get("headers", {}), **headers}}
+                got, body = await bridge.call("POST", path, **sent)
+                assert got == status, (path, sent, got, body)
+                assert message in body["error"], (path, sent, body)
+        # The preflight a page needs before sending JSON gets no CORS permission.
+        async with bridge.client.options(
+            bridge.base + "/api/answering",
+            headers={
+                "Origin": evil,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        ) as response:
+            assert response.status == 403
+            assert "cross-origin" in (await response.json())["error"]
+            assert not any(h.lower().startswith("access-control-") for h in response.headers)
+        assert bridge.service.pipeline.enabled is True
+        assert llm.requests == []
+
+        # The page itself, and clients that are not browsers, still can.
+        same = {"Origin": bridge.base, "Sec-Fetch-Site": "same-origin"}
+        await bridge.call(
+            "POST", "/api/answering", json={"enabled": False}, headers=same, expect=200
+        )
+        await bridge.call(
+            "POST",
+            "/api/answering",
+            json={"enabled": True},
+            headers={"Origin": bridge.base},
+            expect=200,
+        )
+        await bridge.call(
+            "POST",
+            "/api/forget",
+            data=b'{"device": "den"}',
+            headers={"Content-Type": "application/json; charset=utf-8"},
+            expect=200,
+        )
+
+
+async def test_only_host_names_of_this_machine_are_answered(
+    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI
+) -> None:
+    settings = http_settings(
+        tmp_path,
+        mosquitto,
+        llm,
+        allowed_hosts=["bridge.home.arpa"],
+        public_url="http://nas.lan:8099",
+    )
+    async with running(settings) as bridge:
+        await bridge.wait_health(200)
+        port = bridge.http.port
+        # A DNS-rebinding page: the browser resolved evil.example to 127.0.0.1.
+        for path in ("/", "/api/state", "/api/events", "/static/app.js"):
+            got, body = await bridge.call("GET", path, headers={"Host": f"evil.example:{port}"})
+            assert got == 421, (path, got, body)
+            assert "evil.example" in body["error"]
+            assert "[http] allowed_hosts" in body["error"]
+        got, body = await bridge.call(
+            "POST",
+            "/api/answering",
+            json={"enabled": False},
+            headers={"Host": "evil.example", "Origin": "http://evil.example"},
+        )
+        assert got == 421, body
+        assert bridge.service.pipeline.enabled is True
+        # Machines checking health or scraping metrics reach it by any name (see the docs).
+        for path in ("/healthz", "/metrics"):
+            await bridge.call("GET", path, headers={"Host": "xiaoai-bridge:8099"}, expect=200)
+        hostname = socket.gethostname()
+        names = [
+            f"127.0.0.1:{port}",
+            f"localhost:{port}",
+            f"LOCALHOST.:{port}",
+            f"[::1]:{port}",
+            "192.168.1.5:8099",  # any address literal: rebinding needs a name
+            "[fe80::1]",
+            f"{hostname}:{port}",
+            f"{hostname.split('.')[0]}.local:{port}",
+            f"bridge.home.arpa:{port}",  # [http] allowed_hosts
+            "nas.lan:8099",  # [http] public_url
+        ]
+        for name in names:
+            await bridge.call("GET", "/api/state", headers={"Host": name}, expect=200)
+
+
+async def test_allowed_hosts_star_answers_any_name(
+    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI
+) -> None:
+    async with running(http_settings(tmp_path, mosquitto, llm, allowed_hosts=["*"])) as bridge:
+        await bridge.wait_health(200)
+        await bridge.call("GET", "/api/state", headers={"Host": "proxy.example"}, expect=200)

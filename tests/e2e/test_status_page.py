@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from playwright.async_api import Browser, ConsoleMessage, Error, Page, async_playwright, expect
 from pydantic import SecretStr
 
 from tests.conftest import API_KEY, Probe, make_settings
-from tests.e2e.test_http import MQTT_PASSWORD, TOKEN, Running, running
+from tests.e2e.test_http import MQTT_PASSWORD, TOKEN, Running, http_settings, running
 from tests.fakes.mosquitto import Mosquitto
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from xiaoai_bridge.config import HttpSettings, MqttSettings
@@ -26,6 +28,8 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--no-first-run",
+    # A name for the attacker's site that resolves to loopback, as DNS rebinding makes it.
+    "--host-resolver-rules=MAP evil.example 127.0.0.1",
 ]
 SCREENSHOT = Path(os.environ.get("STATUS_PAGE_SCREENSHOT", "/tmp/status-page.png"))  # noqa: S108
 UI_WAIT_MS = 10_000
@@ -198,3 +202,74 @@ async def test_status_page_in_dark_mode_shows_conversations_from_before_it_opene
     await page.screenshot(path=str(SCREENSHOT.with_name(SCREENSHOT.stem + "-dark.png")))
     assert console.errors == []
     await page.close()
+
+
+@contextlib.asynccontextmanager
+async def foreign_site() -> AsyncIterator[str]:
+    """Another web site the user happens to visit (on loopback); yields its base URL."""
+
+    async def home(request: web.Request) -> web.Response:
+        return web.Response(text="<p>cute cats</p>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", home)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://evil.example:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_page_of_another_site_cannot_drive_or_read_the_status_page(
+    browser: Browser, tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI, probe: Probe
+) -> None:
+    # The default: loopback and no token, where only the browser's origin rules protect it.
+    async with running(http_settings(tmp_path, mosquitto, llm)) as bridge, foreign_site() as evil:
+        await probe.wait_status("online")
+        llm.answer = "记住了。"
+        await probe.ask({"text": "我叫小明", "device": "den", "id": 1})
+        await probe.reply_json()
+        page = await browser.new_page()
+        await page.goto(evil)
+        attempts = await page.evaluate(
+            """async (base) => {
+                const outcomes = [];
+                const tries = [
+                    // A "simple" request: sent without asking, its answer unreadable.
+                    ["api/answering", {mode: "no-cors", headers: {"Content-Type": "text/plain"},
+                                       body: '{"enabled": false}'}],
+                    ["api/forget", {mode: "no-cors", headers: {"Content-Type": "text/plain"},
+                                    body: '{"device": "den"}'}],
+                    ["api/ask", {mode: "no-cors", body: '{"text": "spam"}'}],
+                    // JSON needs a preflight, which is refused.
+                    ["api/answering", {headers: {"Content-Type": "application/json"},
+                                       body: '{"enabled": false}'}],
+                ];
+                for (const [path, init] of tries) {
+                    try {
+                        const response = await fetch(base + path, {method: "POST", ...init});
+                        outcomes.push(response.type);
+                    } catch (error) {
+                        outcomes.push("refused");
+                    }
+                }
+                return outcomes;
+            }""",
+            bridge.base + "/",
+        )
+        assert attempts == ["opaque", "opaque", "opaque", "refused"]
+        assert bridge.service.pipeline.enabled is True
+        assert len(bridge.service.pipeline.memory.history("den")) == 2
+        assert len(llm.requests) == 1
+
+        # DNS rebinding: the attacker's name now points at this machine, same port.
+        rebound = f"http://evil.example:{bridge.http.port}/"
+        response = await page.goto(rebound)
+        assert response is not None
+        assert response.status == 421
+        status = await page.evaluate("fetch('/api/state').then((r) => r.status)")
+        assert status == 421
+        await page.close()
