@@ -18,7 +18,7 @@ url = "http://192.168.1.5:5000/tts?text={text}&voice={voice}"
 voice = "xiaoxiao"
 [http]
 host = "0.0.0.0"
-token = "page-token"
+token = "page-token-4b8e1d07c2"
 public_url = "http://192.168.1.5:8099/"
 """
 
