@@ -31,6 +31,7 @@ from xiaoai_bridge.http import HttpServer, open_http
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
 from xiaoai_bridge.models import Answer
 from xiaoai_bridge.pipeline.dispatcher import Dispatcher
+from xiaoai_bridge.pipeline.inbox import Inbox
 from xiaoai_bridge.pipeline.memory import ConversationMemory
 from xiaoai_bridge.pipeline.pipeline import Pipeline, PipelineSettings
 from xiaoai_bridge.pipeline.trigger import Trigger
@@ -48,6 +49,7 @@ from xiaoai_bridge.sources.xiaomi import XiaomiSource
 _LOGGER = logging.getLogger(__name__)
 
 MEMORY_FILE = "memory.sqlite3"
+INBOX_FILE = "inbox.sqlite3"
 # On SIGTERM, answers already started get this long to finish and be delivered.
 SHUTDOWN_GRACE_S = 10.0
 
@@ -149,8 +151,20 @@ class Service:
 
 
 async def _pump(source: Source, dispatcher: Dispatcher) -> None:
+    # The source resumes only after `admit`: it may then acknowledge what it received.
     async for utterance in source.utterances():
-        dispatcher.submit(utterance)
+        await dispatcher.admit(utterance)
+
+
+@contextlib.asynccontextmanager
+async def open_inbox(settings: Settings) -> AsyncIterator[Inbox]:
+    """The durable inbox of accepted questions in the data dir."""
+    inbox = Inbox(settings.data_dir / INBOX_FILE)
+    await inbox.open()
+    try:
+        yield inbox
+    finally:
+        await inbox.close()
 
 
 async def _broker_listening(host: str, port: int) -> bool:
@@ -183,13 +197,13 @@ async def _add_mqtt(service: Service, stack: contextlib.AsyncExitStack) -> None:
     connection = mqtt_connection(settings)
     service.mqtt = connection
     service.connections["mqtt"] = connection.policy
-    service.sources.append(
-        MqttSource(
-            connection,
-            question_topic=settings.mqtt.question_topic,
-            max_payload_bytes=settings.mqtt.max_payload_bytes,
-        )
+    source = MqttSource(
+        connection,
+        question_topic=settings.mqtt.question_topic,
+        max_payload_bytes=settings.mqtt.max_payload_bytes,
     )
+    service.sources.append(source)
+    service.dispatcher.count_waiting(lambda: source.waiting)
     service.dispatcher.add_sink(
         MqttSink(
             connection,
@@ -347,7 +361,15 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     async with contextlib.AsyncExitStack() as stack:
         pipeline = await stack.enter_async_context(open_pipeline(settings))
-        service = Service(settings, pipeline, Dispatcher(pipeline, {}))
+        inbox = await stack.enter_async_context(open_inbox(settings))
+        dispatcher = Dispatcher(
+            pipeline,
+            {},
+            inbox=inbox,
+            max_pending=settings.inbox.max_pending,
+            resume_freshness_s=settings.inbox.freshness_s,
+        )
+        service = Service(settings, pipeline, dispatcher)
         if settings.mqtt_enabled:
             await _add_mqtt(service, stack)
         if settings.homeassistant.enabled:
@@ -365,6 +387,7 @@ async def serve(service: Service, stop: asyncio.Event) -> None:
     async with asyncio.TaskGroup() as group:
         if service.mqtt is not None:
             connection_task = group.create_task(service.mqtt.run(), name="mqtt:connection")
+        await service.dispatcher.resume()
         pumps = [
             group.create_task(_pump(source, service.dispatcher), name=f"{source.name}:source")
             for source in service.sources

@@ -69,6 +69,8 @@ DEFAULT_MAX_TURNS = 10
 DEFAULT_MAX_HISTORY_TOKENS = 2000
 DEFAULT_FORGET_COMMANDS = ("清空对话", "忘掉之前的对话")
 
+DEFAULT_MAX_PENDING = 10_000
+DEFAULT_RESUME_FRESHNESS_S = 60.0
 DEFAULT_MIN_CHUNK_CHARS = 4
 DEFAULT_MAX_CHUNK_CHARS = 120
 DEFAULT_FIRST_CLAUSE_CHARS = 8
@@ -642,6 +644,23 @@ class MemorySettings(_Section):
     )
 
 
+class InboxSettings(_Section):
+    """`[inbox]`: questions accepted and not yet answered, kept on disk across restarts."""
+
+    max_pending: int = Field(
+        default=DEFAULT_MAX_PENDING,
+        ge=1,
+        description="Questions waiting for an answer, all speakers together; past it a new "
+        'question gets a spoken "busy, ask again later" at once.',
+    )
+    freshness_s: float = Field(
+        default=DEFAULT_RESUME_FRESHNESS_S,
+        gt=0,
+        description="After a restart, questions left unanswered are answered only if asked "
+        "at most this many seconds ago; older ones are dropped (logged and counted).",
+    )
+
+
 class SpeechSettings(_Section):
     """`[speech]`: how answers are cut into spoken chunks."""
 
@@ -684,6 +703,7 @@ class Settings(BaseSettings):
     llm: LLMSettings = Field(default_factory=LLMSettings)
     trigger: TriggerSettings = Field(default_factory=TriggerSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
+    inbox: InboxSettings = Field(default_factory=InboxSettings)
     speech: SpeechSettings = Field(default_factory=SpeechSettings)
     conversation: ConversationSettings = Field(default_factory=ConversationSettings)
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)

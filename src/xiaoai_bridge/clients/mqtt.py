@@ -7,8 +7,8 @@ import logging
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 
 import aiomqtt
 
@@ -22,8 +22,10 @@ _AIOMQTT_LOGGER.setLevel(logging.ERROR)
 
 ONLINE = "online"
 OFFLINE = "offline"
-# Received messages waiting for the source; beyond this the broker holds them (QoS 1).
-MAX_QUEUED_INCOMING = 10_000
+# Received messages waiting for their consumer. When it is full the receiver waits, messages
+# stay unacknowledged, and the broker stops sending at its in-flight limit (20 in mosquitto):
+# the broker holds the backlog, nothing is dropped in our process.
+MAX_QUEUED_INCOMING = 1_000
 PUBLISH_TIMEOUT_S = 10.0
 # Publications handed to the broker before their PUBACKs return; waiting for each ack in
 # turn would cap a busy bridge at one round trip per message.
@@ -36,20 +38,35 @@ CONNECT_TIMEOUT_S = 10.0
 
 @dataclass(frozen=True, slots=True)
 class Publication:
-    """A message waiting in the outbox."""
+    """A message waiting in the outbox; `delivered` resolves when the broker has it."""
 
     topic: str
     payload: bytes
     qos: int = 1
     retain: bool = False
+    delivered: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future(), compare=False
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """A message from the broker, reduced to what sources need."""
+    """A message from the broker, reduced to what sources need.
+
+    On a subscription made with `manual_ack=True` the broker considers the message delivered
+    only after `ack()`; until then it redelivers it to the next session if this one ends.
+    """
 
     topic: str
     payload: bytes
+    # Replayed by the broker because a retained copy exists, not published just now.
+    retained: bool = False
+    _ack: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def ack(self) -> None:
+        """Tell the broker this message is safely taken care of (no-op if auto-acked)."""
+        if self._ack is not None:
+            self._ack()
 
 
 class MqttConnection:
@@ -79,6 +96,10 @@ class MqttConnection:
         self._client_id = client_id
         # Topic filter -> the queue of its consumer; every filter is subscribed at QoS 1.
         self._subscriptions: dict[str, asyncio.Queue[Received]] = {}
+        # Filters whose consumer acknowledges each message itself (after recording it).
+        self._manual_ack: set[str] = set()
+        # Counts sessions, so an ack meant for a session that has ended is not sent on the next.
+        self._session = 0
         for topic in subscriptions:
             self.subscribe(topic)
         self._status_topic = status_topic
@@ -108,22 +129,38 @@ class MqttConnection:
 
     def publish(
         self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
-    ) -> None:
-        """Queue a message; it is sent as soon as the connection allows, in order."""
+    ) -> asyncio.Future[None]:
+        """Queue a message; it is sent as soon as the connection allows, in order.
+
+        The returned future resolves once the broker has acknowledged it (QoS 1) or it was
+        handed to the socket (QoS 0); awaiting it is optional.
+        """
         data = payload.encode() if isinstance(payload, str) else payload
-        self._outbox.append(Publication(topic, data, qos, retain))
+        publication = Publication(topic, data, qos, retain)
+        self._outbox.append(publication)
         self._outbox_ready.set()
         self._outbox_empty.clear()
+        return publication.delivered
 
-    def subscribe(self, topic_filter: str) -> None:
-        """Receive `topic_filter` from the next (re)connection on; call before `run`."""
+    def subscribe(self, topic_filter: str, *, manual_ack: bool = False) -> None:
+        """Receive `topic_filter` from the next (re)connection on; call before `run`.
+
+        With `manual_ack` the consumer must call `Received.ack()` on every message, once it
+        is safe to lose this process (e.g. the message is recorded on disk).
+        """
         self._subscriptions.setdefault(topic_filter, asyncio.Queue(MAX_QUEUED_INCOMING))
+        if manual_ack:
+            self._manual_ack.add(topic_filter)
 
     async def messages(self, topic_filter: str) -> AsyncIterator[Received]:
         """Every message matching a subscribed filter, across reconnects."""
         queue = self._subscriptions[topic_filter]
         while True:
             yield await queue.get()
+
+    def queued(self, topic_filter: str) -> int:
+        """Messages of a subscription received and not yet taken by its consumer."""
+        return self._subscriptions[topic_filter].qsize()
 
     @property
     def pending(self) -> int:
@@ -174,10 +211,15 @@ class MqttConnection:
             timeout=CONNECT_TIMEOUT_S,
             will=aiomqtt.Will(self._status_topic, OFFLINE, qos=1, retain=True),
             tls_context=ssl.create_default_context() if self._tls else None,
-            max_queued_incoming_messages=MAX_QUEUED_INCOMING,
+            # Unbounded on purpose: aiomqtt discards messages past its bound without a trace.
+            # Our own queues are bounded instead, and wait (see MAX_QUEUED_INCOMING).
+            max_queued_incoming_messages=None,
             socket_options=_SOCKET_OPTIONS,
             logger=_AIOMQTT_LOGGER,
         )
+        if self._manual_ack:
+            _enable_manual_ack(client)
+        self._session += 1
         async with client:
             self._client = client
             for topic_filter in self._subscriptions:
@@ -197,10 +239,31 @@ class MqttConnection:
         async for message in client.messages:
             payload = message.payload
             data = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
-            received = Received(str(message.topic), bytes(data))
-            for topic_filter, queue in self._subscriptions.items():
-                if message.topic.matches(topic_filter):
-                    await queue.put(received)
+            matched = [f for f in self._subscriptions if message.topic.matches(f)]
+            manual = any(f in self._manual_ack for f in matched)
+            ack = self._acker(client, message.mid, message.qos)
+            received = Received(
+                str(message.topic), bytes(data), bool(message.retain), ack if manual else None
+            )
+            for topic_filter in matched:
+                await self._subscriptions[topic_filter].put(received)
+            if not manual and self._manual_ack:
+                ack()  # paho no longer acknowledges anything by itself on this client
+
+    def _acker(self, client: aiomqtt.Client, mid: int, qos: int) -> Callable[[], None]:
+        session = self._session
+        done = False
+
+        def ack() -> None:
+            nonlocal done
+            # Once per message, and only on the session that received it: after a reconnect
+            # the broker redelivers it instead, and the same mid may mean another message.
+            if done or session != self._session or self._client is not client:
+                return
+            done = True
+            _ack(client, mid, qos)
+
+        return ack
 
     async def _send(self, client: aiomqtt.Client, group: asyncio.TaskGroup) -> None:
         window = asyncio.Semaphore(MAX_IN_FLIGHT)
@@ -227,5 +290,17 @@ class MqttConnection:
         )
         del self._unacked[sequence]
         window.release()
+        if not item.delivered.done():
+            item.delivered.set_result(None)
         if not self._outbox and not self._unacked:
             self._outbox_empty.set()
+
+
+# aiomqtt 2.x has no public switch for manual acknowledgements; paho, which it wraps, does.
+# Both uses of its private client are here, checked by tests/clients/test_mqtt.py.
+def _enable_manual_ack(client: aiomqtt.Client) -> None:
+    client._client.manual_ack_set(True)
+
+
+def _ack(client: aiomqtt.Client, mid: int, qos: int) -> None:
+    client._client.ack(mid, qos)

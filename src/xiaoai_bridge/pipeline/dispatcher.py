@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
+import sqlite3
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 from xiaoai_bridge.errors import BridgeError
 from xiaoai_bridge.models import Answer, SpeechChunk, Utterance
+from xiaoai_bridge.pipeline.inbox import Inbox, InboxEntry
 from xiaoai_bridge.pipeline.pipeline import Pipeline
 from xiaoai_bridge.sinks.base import Sink
 
@@ -16,17 +22,64 @@ _LOGGER = logging.getLogger(__name__)
 
 AnswerListener = Callable[[Answer], None]
 
+# "Busy" apologies waiting to be sent; past it `admit` waits, and the broker holds the rest.
+MAX_QUEUED_REFUSALS = 1_000
+# A flood of refusals logs a line at most this often.
+REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+@dataclass
+class DispatchStats:
+    """Counts of what did not get a normal answer, for logs, metrics and benchmarks."""
+
+    refused_busy: int = 0
+    dropped_stale: int = 0
+    resumed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    utterance: Utterance
+    entry_id: int | None = None
+
 
 class Dispatcher:
-    """Runs one worker per busy device; a device's questions are answered in arrival order."""
+    """Runs one worker per busy device; a device's questions are answered in arrival order.
 
-    def __init__(self, pipeline: Pipeline, sinks: Mapping[str, Sink]) -> None:
+    `admit` is the durable door: it returns once a question is on disk in the inbox (or was
+    refused as busy), so the source may acknowledge it; the inbox row is deleted only after
+    the answer is delivered. `submit` is the in-memory door for questions that need no
+    acknowledgement (the status page's ask box, tests).
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        sinks: Mapping[str, Sink],
+        *,
+        inbox: Inbox | None = None,
+        max_pending: int | None = None,
+        resume_freshness_s: float = math.inf,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._pipeline = pipeline
         self._sinks = dict(sinks)
-        self._queues: dict[str, deque[Utterance]] = {}
+        self._inbox = inbox
+        self._max_pending = max_pending
+        self._resume_freshness_s = resume_freshness_s
+        self._clock = clock
+        self._queues: dict[str, deque[_Job]] = {}
+        self._pending = 0
         self._workers: set[asyncio.Task[None]] = set()
         self._listeners: list[AnswerListener] = []
         self._observers: list[Sink] = []
+        self._waiting: list[Callable[[], int]] = []
+        self._refusals: deque[Utterance] = deque()
+        self._refusals_room = asyncio.Event()
+        self._refusals_room.set()
+        self._refuser: asyncio.Task[None] | None = None
+        self._last_refusal_log = -REFUSAL_LOG_INTERVAL_S
+        self.stats = DispatchStats()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -42,28 +95,64 @@ class Dispatcher:
         """Answer the utterances of source `sink.name` through `sink`."""
         self._sinks[sink.name] = sink
 
+    def count_waiting(self, waiting: Callable[[], int]) -> None:
+        """Also count, in `in_flight`, questions a source has received but not yet admitted."""
+        self._waiting.append(waiting)
+
     @property
     def in_flight(self) -> int:
-        """Utterances accepted and not yet finished."""
-        return sum(len(queue) for queue in self._queues.values())
+        """Questions received and not yet finished: queued, being answered, or refused."""
+        return self._pending + len(self._refusals) + sum(waiting() for waiting in self._waiting)
 
-    def submit(self, utterance: Utterance) -> None:
-        """Queue an utterance; never blocks, never drops."""
-        sink = self._sinks.get(utterance.source)
-        if sink is None:
+    async def admit(self, utterance: Utterance) -> None:
+        """Accept durably or refuse as busy; returns when the source may acknowledge it."""
+        if self._sinks.get(utterance.source) is None:
             _LOGGER.error("no sink for source %r; utterance dropped", utterance.source)
             return
-        queue = self._queues.get(utterance.device)
-        if queue is not None:
-            queue.append(utterance)  # the device's worker will get to it
+        if (
+            self._max_pending is not None
+            and self._pending >= self._max_pending
+            and not utterance.rejected
+        ):
+            await self._refuse(utterance)
             return
-        self._queues[utterance.device] = deque([utterance])
-        self._idle.clear()
-        worker = asyncio.create_task(
-            self._work(utterance.device), name=f"pipeline:{utterance.device}"
-        )
-        self._workers.add(worker)
-        worker.add_done_callback(self._workers.discard)
+        entry_id = None
+        if self._inbox is not None:
+            try:
+                entry_id = (await self._inbox.add(utterance)).id
+            except sqlite3.Error as err:
+                # A full or broken disk must not cost the answer: keep it in memory only.
+                _LOGGER.warning("could not record a question in the inbox: %s", err)
+        self._enqueue(_Job(utterance, entry_id))
+
+    def submit(self, utterance: Utterance) -> None:
+        """Queue an utterance in memory only; never blocks, never drops."""
+        if self._sinks.get(utterance.source) is None:
+            _LOGGER.error("no sink for source %r; utterance dropped", utterance.source)
+            return
+        self._enqueue(_Job(utterance))
+
+    async def resume(self) -> None:
+        """Queue again what an earlier run accepted and left unanswered, if still fresh."""
+        if self._inbox is None:
+            return
+        now = self._clock()
+        for entry in await self._inbox.pending():
+            if self._sinks.get(entry.utterance.source) is None or (
+                entry.age(now) > self._resume_freshness_s
+            ):
+                self._drop_stale(entry, now)
+                continue
+            self.stats.resumed += 1
+            self._enqueue(_Job(entry.utterance, entry.id))
+        if self.stats.resumed or self.stats.dropped_stale:
+            _LOGGER.warning(
+                "resumed %d questions left unanswered by the last run; dropped %d too old "
+                "to answer (older than %.0f s) or from a mode no longer configured",
+                self.stats.resumed,
+                self.stats.dropped_stale,
+                self._resume_freshness_s,
+            )
 
     async def drain(self) -> None:
         """Wait until every accepted utterance is answered."""
@@ -71,18 +160,78 @@ class Dispatcher:
 
     async def aclose(self) -> None:
         """Cancel the workers (shutdown after the drain deadline)."""
-        for worker in list(self._workers):
+        workers = list(self._workers)
+        if self._refuser is not None:
+            workers.append(self._refuser)
+        for worker in workers:
             worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await asyncio.gather(*workers, return_exceptions=True)
+
+    def _enqueue(self, job: _Job) -> None:
+        self._pending += 1
+        device = job.utterance.device
+        queue = self._queues.get(device)
+        if queue is not None:
+            queue.append(job)  # the device's worker will get to it
+            return
+        self._queues[device] = deque([job])
+        self._idle.clear()
+        worker = asyncio.create_task(self._work(device), name=f"pipeline:{device}")
+        self._workers.add(worker)
+        worker.add_done_callback(self._workers.discard)
+
+    def _drop_stale(self, entry: InboxEntry, now: float) -> None:
+        self.stats.dropped_stale += 1
+        _LOGGER.info(
+            "not answering a %s question from %s: asked %.0f s ago, before a restart",
+            entry.utterance.source,
+            entry.utterance.device,
+            entry.age(now),
+        )
+        if self._inbox is not None:
+            self._inbox.done(entry.id)
+
+    async def _refuse(self, utterance: Utterance) -> None:
+        self.stats.refused_busy += 1
+        now = self._clock()
+        if now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL_S:
+            self._last_refusal_log = now
+            _LOGGER.warning(
+                "busy: %d questions already waiting (limit %d); answering new ones with a "
+                "'busy' apology (%d so far)",
+                self._pending,
+                self._max_pending,
+                self.stats.refused_busy,
+            )
+        await self._refusals_room.wait()
+        self._refusals.append(dataclasses.replace(utterance, rejected="busy"))
+        if len(self._refusals) >= MAX_QUEUED_REFUSALS:
+            self._refusals_room.clear()
+        if self._refuser is None:
+            self._refuser = asyncio.create_task(self._send_refusals(), name="pipeline:refusals")
+
+    async def _send_refusals(self) -> None:
+        try:
+            while self._refusals:
+                await self._answer(self._refusals[0])
+                self._refusals.popleft()
+                if len(self._refusals) < MAX_QUEUED_REFUSALS:
+                    self._refusals_room.set()
+        finally:
+            self._refuser = None
 
     async def _work(self, device: str) -> None:
         queue = self._queues[device]
         try:
             while queue:
-                utterance = queue[0]
-                await self._answer(utterance)
+                job = queue[0]
+                await self._answer(job.utterance)
                 queue.popleft()  # only now: in_flight counts the one being answered
+                self._pending -= 1
+                if job.entry_id is not None and self._inbox is not None:
+                    self._inbox.done(job.entry_id)
         finally:
+            self._pending -= len(queue)  # cancelled at shutdown: the inbox keeps them
             del self._queues[device]
             if not self._queues:
                 self._idle.set()

@@ -33,6 +33,7 @@ APOLOGIES: Mapping[str, str] = {
     "empty": "抱歉，这次没有得到回答，请换个说法再问一次。",
     "too_long": "抱歉，这个问题太长了，请说得简短一些。",
     "bad_input": "抱歉，我没能读懂这条消息。",
+    "busy": "抱歉，现在要回答的问题太多了，请稍后再问。",
 }
 GENERIC_APOLOGY = "抱歉，出了点问题，请稍后再试。"
 INTERRUPTED_APOLOGY = "抱歉，回答被打断了。"

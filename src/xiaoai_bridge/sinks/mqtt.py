@@ -69,9 +69,9 @@ class MqttSink:
             )
         if utterance.reply_format is ReplyFormat.PLAIN:
             # Exactly what the seed's Node-RED flow speaks: the answer as plain UTF-8 text.
-            self._connection.publish(self._reply_topic, answer.text)
+            delivered = self._connection.publish(self._reply_topic, answer.text)
         else:
-            self._connection.publish(
+            delivered = self._connection.publish(
                 self._reply_topic,
                 _dumps(
                     {
@@ -81,3 +81,5 @@ class MqttSink:
                     }
                 ),
             )
+        # The question counts as answered (and leaves the inbox) once the broker has the reply.
+        await delivered

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import re
 import time
 from collections.abc import AsyncIterator
 
 from xiaoai_bridge.clients.mqtt import MqttConnection, Received
+from xiaoai_bridge.jsonwire import parse_json
 from xiaoai_bridge.models import DEFAULT_DEVICE, QuestionId, ReplyFormat, Utterance
 
 _LOGGER = logging.getLogger(__name__)
 
 SOURCE_NAME = "mqtt"
-_DEVICE_RE = re.compile(r"^[\w.:@-]{1,64}$")
+# Matched with fullmatch: `$` would also accept a trailing newline.
+_DEVICE_RE = re.compile(r"[\w.:@-]{1,64}")
 MAX_ID_CHARS = 128
 
 
@@ -27,7 +28,9 @@ class MqttSource:
     ) -> None:
         self._connection = connection
         self._topic = question_topic
-        connection.subscribe(question_topic)
+        # Acknowledged only once the pipeline has the question on disk: a kill before that
+        # makes the broker deliver it again to the next run.
+        connection.subscribe(question_topic, manual_ack=True)
         self._max_bytes = max_payload_bytes
         # Ids for plain-text questions: unique across restarts thanks to the time prefix.
         self._ids = (f"q{int(time.time())}-{n}" for n in itertools.count(1))
@@ -37,12 +40,33 @@ class MqttSource:
         """Registry key shared with MqttSink."""
         return SOURCE_NAME
 
+    @property
+    def waiting(self) -> int:
+        """Questions received from the broker and not yet handed on."""
+        return self._connection.queued(self._topic)
+
     async def utterances(self) -> AsyncIterator[Utterance]:
-        """Every readable (or apology-worthy) question on the question topic."""
+        """Every readable (or apology-worthy) question on the question topic.
+
+        The consumer resumes this iterator only once it has accepted the utterance, so the
+        message is acknowledged to the broker then, not on receipt.
+        """
         async for message in self._connection.messages(self._topic):
+            if message.retained:
+                # The broker replays a retained message at every subscribe, i.e. every
+                # restart and reconnect: it was answered when it was first published.
+                _LOGGER.warning(
+                    "ignored a retained question on %s; publish questions without the retain "
+                    "flag (clear it with: mosquitto_pub -r -n -t '%s')",
+                    message.topic,
+                    message.topic,
+                )
+                message.ack()
+                continue
             utterance = self.parse(message)
             if utterance is not None:
                 yield utterance
+            message.ack()
 
     def parse(self, message: Received) -> Utterance | None:
         """One message to one utterance; None for messages with nothing to answer."""
@@ -73,7 +97,7 @@ class MqttSource:
 
     def _parse_json(self, text: str) -> Utterance | None:
         try:
-            data = json.loads(text)
+            data = parse_json(text)
         except ValueError as err:
             _LOGGER.warning("question looks like JSON but is not: %s", err)
             return self._rejected("bad_input", b"", ReplyFormat.JSON)
@@ -87,7 +111,9 @@ class MqttSource:
         if problem:
             _LOGGER.warning("JSON question rejected: %s", problem)
             safe_device = (
-                device if isinstance(device, str) and _DEVICE_RE.match(device) else DEFAULT_DEVICE
+                device
+                if isinstance(device, str) and _DEVICE_RE.fullmatch(device)
+                else DEFAULT_DEVICE
             )
             safe_id = question_id if _valid_id(question_id) else ""
             return Utterance(
@@ -137,7 +163,7 @@ def _valid_id(value: object) -> bool:
 def _check_json_fields(text: object, device: object, question_id: QuestionId | object) -> str:
     if not isinstance(text, str):
         return '"text" must be a string'
-    if not isinstance(device, str) or not _DEVICE_RE.match(device):
+    if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device):
         return '"device" must be 1-64 letters, digits or . : @ _ -'
     if not _valid_id(question_id):
         return f'"id" must be a string of at most {MAX_ID_CHARS} characters or an integer'
