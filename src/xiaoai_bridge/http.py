@@ -190,7 +190,11 @@ class HttpServer:
         self._service = service
         self._settings = settings
         self._clock = clock
-        self.metrics = BridgeMetrics(service.connections, lambda: service.dispatcher.in_flight)
+        self.metrics = BridgeMetrics(
+            service.connections,
+            lambda: service.dispatcher.in_flight,
+            stats=lambda: service.dispatcher.stats,
+        )
         self.log = ConversationLog(clock=clock)
         self._assets: dict[str, bytes] = {}
         self._runner: web.AppRunner | None = None

@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
+from xiaoai_bridge.pipeline.dispatcher import DispatchStats
 from xiaoai_bridge.reconnect import ConnectionState, ReconnectPolicy
 
 PREFIX = "xiaoai_bridge"
@@ -27,6 +28,7 @@ class BridgeMetrics:
         connections: Mapping[str, ReconnectPolicy],
         in_flight: Callable[[], int],
         *,
+        stats: Callable[[], DispatchStats] = DispatchStats,
         clock: Callable[[], float] = time.time,
     ) -> None:
         # A private registry: two services in one process (tests) never clash, and nothing
@@ -62,7 +64,7 @@ class BridgeMetrics:
             buckets=SPOKEN_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_LiveCollector(connections, in_flight))
+        self.registry.register(_LiveCollector(connections, in_flight, stats))
         # Device -> (utterance being answered, wall time of its first spoken sentence).
         # Calls for one device never overlap, so one entry per device is enough.
         self._first_spoken: dict[str, tuple[Utterance, float]] = {}
@@ -113,10 +115,14 @@ class _LiveCollector(Collector):
     """Figures read from the running service at scrape time, so they are never stale."""
 
     def __init__(
-        self, connections: Mapping[str, ReconnectPolicy], in_flight: Callable[[], int]
+        self,
+        connections: Mapping[str, ReconnectPolicy],
+        in_flight: Callable[[], int],
+        stats: Callable[[], DispatchStats],
     ) -> None:
         self._connections = connections
         self._in_flight = in_flight
+        self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
         reconnects = CounterMetricFamily(
@@ -136,6 +142,22 @@ class _LiveCollector(Collector):
         yield connected
         yield GaugeMetricFamily(
             f"{PREFIX}_answers_in_flight",
-            "Questions accepted and not yet fully answered.",
+            "Questions received and not yet fully answered.",
             value=self._in_flight(),
+        )
+        stats = self._stats()
+        yield CounterMetricFamily(
+            f"{PREFIX}_questions_refused_busy",
+            "Questions answered with a 'busy' apology because [inbox] max_pending were waiting.",
+            value=stats.refused_busy,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_questions_dropped_stale",
+            "Questions left unanswered by an earlier run and too old to answer after a restart.",
+            value=stats.dropped_stale,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_questions_resumed",
+            "Questions left unanswered by an earlier run and answered after a restart.",
+            value=stats.resumed,
         )
