@@ -147,3 +147,19 @@ async def test_unacknowledged_messages_hold_the_rest_at_the_broker(mosquitto: Mo
         for message in rest:
             message.ack()
     assert [m.payload for m in first + rest] == [b"%d" % n for n in range(25)]
+
+
+async def test_cancelling_the_connection_always_ends_it(mosquitto: Mosquitto) -> None:
+    # Cancelled mid-session, aiomqtt may surface the cancel as an MqttError from the session's
+    # tasks; the loop must not take that for a lost connection and reconnect for ever.
+    for n in range(20):
+        connection = connection_to(mosquitto, client_id=f"cancel-{n}")
+        connection.subscribe("q")
+        task = asyncio.create_task(connection.run())
+        async with asyncio.timeout(WAIT_S):
+            await connection.wait_connected()
+        await connection.close()
+        task.cancel()
+        async with asyncio.timeout(WAIT_S):
+            await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled()

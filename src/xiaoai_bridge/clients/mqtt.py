@@ -187,6 +187,7 @@ class MqttConnection:
                 # Unacknowledged messages go out again first, in their original order.
                 self._outbox.extendleft(reversed(list(self._unacked.values())))
                 self._unacked.clear()
+            _raise_if_cancelling()
             await asyncio.sleep(delay)
 
     async def close(self) -> None:
@@ -294,6 +295,14 @@ class MqttConnection:
             item.delivered.set_result(None)
         if not self._outbox and not self._unacked:
             self._outbox_empty.set()
+
+
+def _raise_if_cancelling() -> None:
+    # aiomqtt can turn a cancellation during connect or disconnect into an MqttError; caught
+    # as a lost connection, the cancel would be swallowed and the loop would run for ever.
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 # aiomqtt 2.x has no public switch for manual acknowledgements; paho, which it wraps, does.
