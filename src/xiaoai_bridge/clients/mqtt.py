@@ -232,6 +232,10 @@ class MqttConnection:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._send(client, group), name="mqtt:send")
                     group.create_task(self._receive(client), name="mqtt:receive")
+                    # Wait inside the body: Python 3.11's TaskGroup cancels its parent when a
+                    # task fails and only undoes that if the failure comes before __aexit__;
+                    # left over, the cancel would be mistaken for a shutdown (see run()).
+                    await asyncio.get_running_loop().create_future()
             except ExceptionGroup as errors:
                 # Both tasks die of the same lost connection; report it once, plainly.
                 raise errors.exceptions[0] from None
