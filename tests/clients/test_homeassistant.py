@@ -419,3 +419,53 @@ async def test_watched_entities_are_resubscribed_after_a_restart(ha: FakeHomeAss
     assert added.data["new_state"]["attributes"] == {"unit": "W"}
     assert removed.data["new_state"]["attributes"] == {}
     assert gone.data["new_state"] is None
+
+
+HOSTILE_FRAMES = [
+    "[" * 100_000,  # cut short, deeply nested
+    "[" * 5_000 + "]" * 5_000,  # valid JSON nested past the recursion limit
+    "42",
+    '"text"',
+    "null",
+    '[1, "x", null, []]',
+    '{"id": true, "type": "result", "success": true, "result": null}',
+    '{"id": 1.5, "type": "event", "event": {}}',
+    '{"id": [], "type": {"a": 1}}',
+    "not json at all",
+]
+HOSTILE_ENTITY_EVENTS = [
+    "[]",
+    '"a"',
+    '{"c": []}',
+    '{"a": {"sensor.a": {"s": {"x": 1}, "lc": 1}}}',
+    '{"a": {"sensor.a": {"s": "on", "lc": 1e999}}}',
+    '{"c": {"sensor.a": {"+": {"s": 5, "lu": "x"}, "-": {"a": 7}}}}',
+    '{"r": 5}',
+]
+
+
+async def test_hostile_frames_are_refused_in_words_and_events_go_on(
+    ha: FakeHomeAssistant, caplog: pytest.LogCaptureFixture
+) -> None:
+    ha.set_state("sensor.a", "0")
+    async with make_client(ha, event_types=()) as client, client.subscribe_events() as stream:
+        await client.watch_entities(["sensor.a"])
+        for frame in HOSTILE_FRAMES:
+            await ha.send_raw(frame)
+        await ha.send_raw(b"\x00\x01", binary=True)
+        for body in HOSTILE_ENTITY_EVENTS:
+            await ha.send_entity_event(body)
+        ha.set_state("sensor.a", "1")
+        event = await next_event(stream)
+        assert event.data["new_state"]["state"] == "1"
+        await client.wait_connected()  # still the same connection: nothing made it drop
+        assert ha.connections == 1
+        # Invalid UTF-8 in a text frame breaks the websocket protocol: a reconnect.
+        await ha.send_raw(b'{"id": 1, "type": "\xff"}')
+        assert await next_item(stream) == Subscribed(reconnected=True)
+        ha.set_state("sensor.a", "2")
+        assert (await next_event(stream)).data["new_state"]["state"] == "2"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("nested too deeply" in message for message in warnings)
+    assert any("binary frame" in message for message in warnings)
+    assert any("subscribe_entities" in message for message in warnings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -269,3 +270,29 @@ async def test_a_busy_house_never_reaches_the_bridge_while_a_question_is_answere
     assert changed >= 200
     # Home Assistant filtered them: not one unrelated change was sent to the bridge.
     assert not [key for key in ha.entity_messages_sent if key.startswith("sensor.power_")]
+
+
+async def test_hostile_frames_never_stop_the_bridge_answering(
+    tmp_path: Path, ha: FakeHomeAssistant, llm: FakeOpenAI
+) -> None:
+    speaker = ha.add_speaker()
+    llm.answer = "还在。"
+    deep = "[" * 5_000 + "]" * 5_000
+    async with running(ha_settings(tmp_path, ha, llm), ha):
+        for frame in (deep, "[" * 100_000, "42", "[null, 1]", '{"id": true, "type": "result"}'):
+            await ha.send_raw(frame)
+        await ha.send_raw(b"\x00", binary=True)
+        for change in ('{"s": [[1]]}', '{"s": "机器人", "a": {"timestamp": 1e999}}'):
+            await ha.send_entity_event(
+                json.dumps({"c": {speaker.sensor: {"+": "CHANGE"}}}).replace('"CHANGE"', change)
+            )
+        ha.set_conversation(speaker.sensor, "机器人你还在吗")
+        await ha.wait_for_calls(1, domain="xiaomi_miot", within_s=10)
+        # A text frame that is not UTF-8 breaks the protocol: the bridge reconnects.
+        await ha.send_raw(b'{"type": "\xff"}')
+        await ha.wait_until(lambda: ha.connections == 2, within_s=10)
+        await ha.wait_watching(speaker_entities(ha), within_s=10)
+        ha.set_conversation(speaker.sensor, "机器人重连以后呢")
+        calls = await ha.wait_for_calls(2, domain="xiaomi_miot", within_s=10)
+    assert [c.text for c in calls] == ["还在。", "还在。"]
+    assert [r.last_user_message for r in llm.requests] == ["你还在吗", "重连以后呢"]

@@ -360,6 +360,33 @@ class FakeHomeAssistant:
         for client in list(self._clients):
             await self._drop(client)
 
+    async def send_raw(self, frame: str | bytes, *, binary: bool = False) -> None:
+        """Send one frame as is to every authenticated client (hostile-input tests).
+
+        Bytes go out as a text frame unless `binary`, so invalid UTF-8 can be sent as text.
+        """
+        for client in list(self._clients):
+            if not client.authenticated or client.dropped:
+                continue
+            with contextlib.suppress(ConnectionError):
+                if binary:
+                    await client.ws.send_bytes(
+                        bytes(frame, "utf-8") if isinstance(frame, str) else frame
+                    )
+                elif isinstance(frame, bytes):
+                    await client.ws.send_frame(frame, WSMsgType.TEXT)
+                else:
+                    await client.ws.send_str(frame)
+
+    async def send_entity_event(self, event_json: str) -> None:
+        """Send `event_json` (any text, valid or not) as an event on every entity subscription."""
+        for client in list(self._clients):
+            for sub_id in list(client.entity_subscriptions):
+                with contextlib.suppress(ConnectionError):
+                    await client.ws.send_str(
+                        f'{{"id": {sub_id}, "type": "event", "event": {event_json}}}'
+                    )
+
     def pause_writes(self) -> None:
         """Stop delivering messages, as if clients stopped reading (to test slow clients)."""
         self._writes_allowed.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -315,3 +316,47 @@ async def test_record_said_between_snapshot_and_subscription_is_answered(
     ha.command_hooks.append(speak_before_subscribing)
     async with listening(HomeAssistantSource(client), ha) as heard:
         assert (await next_heard(heard)).text == "机器人刚才说的"
+
+
+HOSTILE_SENSOR_VALUES = [
+    ("state", ["a list"]),
+    ("state", "\ud800 lone surrogate"),
+    ("timestamp", 10**400),
+    ("timestamp", float("inf")),
+    ("timestamp", float("nan")),
+    ("timestamp", "9999-12-31T23:59:59+14:00"),
+    ("timestamp", "3000-01-01T00:00:00+00:00"),  # would silence the sensor until then
+    ("timestamp", {"nested": [1, 2]}),
+    ("parent_entity_id", {"not": "an id"}),
+    ("answers", [{"tts": {"text": "\udfff"}}]),
+]
+
+
+async def test_hostile_sensor_states_are_refused_and_the_source_keeps_listening(
+    ha: FakeHomeAssistant, client: HomeAssistantClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    speaker = ha.add_speaker()
+    async with listening(HomeAssistantSource(client), ha) as heard:
+        for i, (field, value) in enumerate(HOSTILE_SENSOR_VALUES):
+            attributes = dict(ha.states[speaker.sensor]["attributes"])
+            # Distinct and older than the marker below, so only the values can refuse them.
+            attributes["timestamp"] = conversation_timestamp(time.time() - 10 + i)
+            state: Any = "机器人坏数据"
+            if field == "state":
+                state = value
+            else:
+                attributes[field] = value
+            compressed = {"s": state, "a": attributes, "c": "01A", "lc": time.time()}
+            # Sent raw: the fake's own encoder keeps lone surrogates, which its socket refuses.
+            body = json.dumps({"c": {speaker.sensor: {"+": compressed}}})
+            await ha.send_entity_event(body)
+        ha.set_conversation(speaker.sensor, "机器人正常的问题")
+        got = [await next_heard(heard)]
+        while got[-1].text != "机器人正常的问题":
+            got.append(await next_heard(heard))
+    # A hostile parent id or answer leaves the question itself valid, on the same speaker.
+    assert [u.text for u in got[:-1]] == ["机器人坏数据"] * 2
+    assert {u.device for u in got} == {speaker.media_player}
+    assert "xiaoai_answer" not in got[1].extra
+    assert "not text" in caplog.text
+    assert "in the future" in caplog.text

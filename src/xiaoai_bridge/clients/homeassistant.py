@@ -144,11 +144,12 @@ class ConversationSensor:
 
 def is_conversation_sensor(state: Mapping[str, Any]) -> bool:
     """Whether a state object is a hass-xiaomi-miot `XiaoaiConversationSensor`."""
-    attributes = state.get("attributes")
+    attributes, entity_id = state.get("attributes"), state.get("entity_id")
     return (
         isinstance(attributes, Mapping)
         and attributes.get("entity_class") == CONVERSATION_ENTITY_CLASS
-        and str(state.get("entity_id", "")).startswith("sensor.")
+        and isinstance(entity_id, str)
+        and entity_id.startswith("sensor.")
     )
 
 
@@ -158,9 +159,9 @@ def conversation_sensor(state: Mapping[str, Any]) -> ConversationSensor | None:
         return None
     attributes = state["attributes"]
     return ConversationSensor(
-        entity_id=str(state["entity_id"]),
-        media_player=str(attributes.get("parent_entity_id") or ""),
-        friendly_name=str(attributes.get("friendly_name") or ""),
+        entity_id=state["entity_id"],
+        media_player=_text(attributes.get("parent_entity_id")),
+        friendly_name=_text(attributes.get("friendly_name")),
     )
 
 
@@ -384,9 +385,12 @@ class HomeAssistantConnection:
                 msg = await self._ws.receive()
                 if msg.type is aiohttp.WSMsgType.TEXT:
                     self._handle_frame(msg.data)
+                elif msg.type is aiohttp.WSMsgType.BINARY:
+                    _LOGGER.warning("ignoring a binary frame from %s", self.url)
                 elif msg.type is aiohttp.WSMsgType.ERROR:
                     error = HomeAssistantConnectionError(
-                        f"connection to {self.url} failed: {self._ws.exception()}"
+                        # e.g. a text frame that is not UTF-8: the protocol is broken.
+                        f"connection to {self.url} failed: {msg.data or self._ws.exception()}"
                     )
                     break
                 elif msg.type in (
@@ -404,6 +408,14 @@ class HomeAssistantConnection:
         except ValueError as err:
             _LOGGER.warning("ignoring a frame from %s: %s", self.url, err)
             return
+        try:
+            self._handle_messages(data)
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as err:
+            # Every field is type-checked before use; this is the last guard that keeps the
+            # reader (and with it the connection's heartbeat) alive on a frame we missed.
+            _LOGGER.warning("ignoring a frame from %s that could not be handled: %r", self.url, err)
+
+    def _handle_messages(self, data: Any) -> None:
         # With coalesce_messages enabled HA packs queued messages into one JSON array.
         messages = data if isinstance(data, list) else [data]
         for message in messages:
@@ -511,7 +523,7 @@ class HomeAssistantConnection:
             error = reply.get("error")
             details: Mapping[str, Any] = error if isinstance(error, Mapping) else {}
             raise HomeAssistantCommandError(
-                str(details.get("code", "unknown_error")), str(details.get("message", ""))
+                _text(details.get("code")) or "unknown_error", _text(details.get("message"))
             )
         return msg_id, reply.get("result")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from datetime import datetime
@@ -19,6 +20,7 @@ from xiaoai_bridge.clients.homeassistant import (
     Subscribed,
     is_conversation_sensor,
 )
+from xiaoai_bridge.clients.homeassistant_entities import valid_entity_id
 from xiaoai_bridge.models import Utterance
 
 _LOGGER = logging.getLogger(__name__)
@@ -34,21 +36,38 @@ _SENSOR_PREFIX, _SENSOR_SUFFIX = "sensor.", "_conversation"
 _NOT_SPEECH = frozenset({"", "unknown", "unavailable", "none"})
 # Epoch values above this are milliseconds (year 5138 in seconds).
 _MS_THRESHOLD = 100_000_000_000
+# A record this far ahead of our clock is not believed: remembering it as the latest would
+# silence the sensor until that moment. Clocks of HA, Xiaomi's cloud and us differ by seconds.
+MAX_CLOCK_AHEAD_S = 300.0
 
 
 def parse_timestamp(value: Any) -> float | None:
-    """`attributes.timestamp` as epoch seconds: an ISO string over the API, or epoch s/ms."""
+    """`attributes.timestamp` as epoch seconds: an ISO string over the API, or epoch s/ms.
+
+    None for anything else, including values no clock can hold (huge integers, inf, nan).
+    """
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return value / 1000 if value > _MS_THRESHOLD else float(value)
-    if isinstance(value, str) and value:
-        try:
+    try:
+        if isinstance(value, int | float):
+            seconds = value / 1000 if value > _MS_THRESHOLD else float(value)
+        elif isinstance(value, str) and value:
             # A naive value is taken as local time, which is what HA would have meant.
-            return datetime.fromisoformat(value).timestamp()
-        except ValueError:
+            seconds = datetime.fromisoformat(value).timestamp()
+        else:
             return None
-    return None
+    except (ValueError, OverflowError, OSError):
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+def _encodable(text: str) -> bool:
+    # JSON may carry lone surrogates ("\ud800"): fine in Python, fatal when sent on as UTF-8.
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def xiaoai_answer(attributes: Mapping[str, Any]) -> str:
@@ -61,8 +80,9 @@ def xiaoai_answer(attributes: Mapping[str, Any]) -> str:
             continue
         for kind in ("tts", "llm"):
             body = answer.get(kind)
-            if isinstance(body, Mapping) and isinstance(body.get("text"), str) and body["text"]:
-                return str(body["text"])
+            text = body.get("text") if isinstance(body, Mapping) else None
+            if isinstance(text, str) and text and _encodable(text):
+                return text
     return ""
 
 
@@ -238,11 +258,17 @@ class HomeAssistantSource:
 
     def accept_state(self, state: Mapping[str, Any], *, answer: bool = True) -> Utterance | None:
         """Judge one conversation-sensor state object; an Utterance if it is a new question."""
-        sensor = str(state.get("entity_id", ""))
+        sensor = state.get("entity_id")
+        if not isinstance(sensor, str):
+            return None
         media_player = self._track(sensor, state)
         if media_player is None:
             return None
-        text = str(state.get("state") or "").strip()
+        text = state.get("state")
+        if not isinstance(text, str) or not _encodable(text):
+            _LOGGER.warning("%s: %s has a state that is not text; ignored", self._name, sensor)
+            return None
+        text = text.strip()
         if text.lower() in _NOT_SPEECH:
             _LOGGER.debug("%s: %s is %r; ignored", self._name, sensor, text)
             return None
@@ -251,8 +277,19 @@ class HomeAssistantSource:
         raw_timestamp = attributes.get("timestamp")
         said_at = parse_timestamp(raw_timestamp)
         if said_at is None:
-            _LOGGER.debug(
-                "%s: %s has no usable timestamp (%r); ignored", self._name, sensor, raw_timestamp
+            _LOGGER.warning(
+                "%s: %s has no usable timestamp (a %s); ignored",
+                self._name,
+                sensor,
+                type(raw_timestamp).__name__,
+            )
+            return None
+        if said_at - self._clock() > MAX_CLOCK_AHEAD_S:
+            _LOGGER.warning(
+                "%s: %s record is %.0f s in the future; ignored",
+                self._name,
+                sensor,
+                said_at - self._clock(),
             )
             return None
         latest = self._latest.get(sensor)
@@ -273,7 +310,8 @@ class HomeAssistantSource:
             return None
         if not answer:
             return None
-        extra = {"media_player": media_player, "sensor": sensor, "timestamp": str(raw_timestamp)}
+        stamp = raw_timestamp if isinstance(raw_timestamp, str) else repr(said_at)
+        extra = {"media_player": media_player, "sensor": sensor, "timestamp": stamp}
         if reply := xiaoai_answer(attributes):
             extra["xiaoai_answer"] = reply
         return Utterance(
@@ -290,18 +328,21 @@ class HomeAssistantSource:
         attributes = state.get("attributes")
         parent = ""
         if isinstance(attributes, Mapping):
-            parent = str(attributes.get("parent_entity_id") or "")
+            value = attributes.get("parent_entity_id")
+            # It becomes a service call's target: only an id HA itself could have made.
+            parent = value if isinstance(value, str) and valid_entity_id(value) else ""
         if self._configured is not None:
             if sensor not in self._configured:
                 return None
             if parent:
                 self._discovered[sensor] = parent
             return self._configured[sensor] or self._discovered.get(sensor) or sensor
-        if is_conversation_sensor(state):
-            if self._discovered.get(sensor) != (parent or sensor):
+        if is_conversation_sensor(state) and valid_entity_id(sensor):
+            player = parent or self._discovered.get(sensor) or sensor
+            if self._discovered.get(sensor) != player:
                 if sensor not in self._discovered:
                     _LOGGER.info("%s: found speaker %s -> %s", self._name, sensor, parent)
-                self._discovered[sensor] = parent or sensor
+                self._discovered[sensor] = player
             return self._discovered[sensor]
         # An unavailable sensor has lost its entity_class attribute; keep it known.
         return self._discovered.get(sensor)
