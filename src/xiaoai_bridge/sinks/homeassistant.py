@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
+import functools
 import json
 import logging
-from collections import deque
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Self
@@ -21,7 +21,15 @@ from xiaoai_bridge.clients.homeassistant import (
     HomeAssistantError,
 )
 from xiaoai_bridge.models import Answer, SpeechChunk, Utterance
-from xiaoai_bridge.spoken import estimate_speech_s, join_spoken
+from xiaoai_bridge.sinks.speaker_queue import (
+    DEFAULT_MERGE_MAX_CHARS,
+    MAX_QUEUED_CHUNKS,
+    Clock,
+    Playing,
+    Sleep,
+    SpeakerQueue,
+)
+from xiaoai_bridge.spoken import estimate_speech_s
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -30,14 +38,10 @@ SINK_NAME = "homeassistant"
 DEFAULT_CHARS_PER_SECOND = 4.5
 # Xiaomi's cloud takes a moment between the service call and the first sound.
 DEFAULT_SPEECH_OVERHEAD_S = 0.5
-# Sentences that piled up while the speaker talked go out as one call, up to this length.
-DEFAULT_MERGE_MAX_CHARS = 120
 # With media_player state, wait for "playing" to end, but never longer than this many
 # times the estimate (a speaker may go back to playing music after the TTS).
 DEFAULT_PLAYER_MAX_STRETCH = 1.5
 DEFAULT_CALL_TIMEOUT_S = 15.0
-# Chunks waiting per speaker; beyond this the oldest are dropped.
-MAX_QUEUED_CHUNKS = 64
 SUGGESTED_ACKNOWLEDGEMENT = "让我想想"
 
 StopMode = Literal["none", "pause", "stop"]
@@ -123,33 +127,19 @@ def refuses_responses(err: HomeAssistantCommandError) -> bool:
     )
 
 
-class _Kind(enum.Enum):
-    SAY = "say"
-    STOP = "stop"
-
-
-@dataclass(frozen=True, slots=True)
-class _Item:
-    kind: _Kind
-    text: str = ""
-    mergeable: bool = True
+def _media_player_of(utterance: Utterance) -> str:
+    """The media_player that asked, as the Home Assistant source tells it."""
+    return str(utterance.extra.get("media_player") or utterance.device)
 
 
 @dataclass(eq=False)
 class _Speaker:
     media_player: str
     target: str
-    queue: deque[_Item] = field(default_factory=deque)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    # Set while nothing is queued or in flight (speech may still be playing).
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
-    # A new question makes the next item go out at once: new speech cuts the old anyway.
-    interrupted: bool = False
-    sent_at: float = 0.0
-    estimate_s: float = 0.0
+    queue: SpeakerQueue = field(init=False)
     player_state: str | None = None
     saw_playing: bool = False
+    player_changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class HomeAssistantSink:
@@ -179,6 +169,8 @@ class HomeAssistantSink:
         player_max_stretch: float = DEFAULT_PLAYER_MAX_STRETCH,
         call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
         max_queued_chunks: int = MAX_QUEUED_CHUNKS,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         """`speak_targets` maps a media_player to the entity to speak on (e.g. a notify entity).
 
@@ -200,6 +192,7 @@ class HomeAssistantSink:
         self._player_max_stretch = max(1.0, player_max_stretch)
         self._call_timeout_s = call_timeout_s
         self._max_queued = max_queued_chunks
+        self._clock = Clock(clock, sleep)
         # Cleared once the speak service refuses return_response (hass-xiaomi-miot < 0.7.18).
         self._ask_response = speak.return_response
         self._speakers: dict[str, _Speaker] = {}
@@ -227,55 +220,28 @@ class HomeAssistantSink:
 
     async def aclose(self) -> None:
         """Drop every queue and stop the tasks."""
-        tasks = [sp.task for sp in self._speakers.values() if sp.task is not None]
         if self._watcher is not None:
-            tasks.append(self._watcher)
-            self._watcher = None
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
+            self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await self._watcher
+            self._watcher = None
         for speaker in self._speakers.values():
-            speaker.queue.clear()
-            speaker.task = None
+            await speaker.queue.aclose()
 
     async def begin(self, utterance: Utterance) -> None:
         """A new question: drop the old answer's queue, optionally silence XiaoAi and ack."""
         speaker = self._speaker(utterance)
-        if speaker.queue:
-            _LOGGER.info(
-                "%s: new question on %s; dropping %d queued sentence(s)",
-                self._name,
-                speaker.media_player,
-                sum(1 for item in speaker.queue if item.kind is _Kind.SAY),
-            )
-            speaker.queue.clear()
-        speaker.interrupted = True
-        speaker.estimate_s = 0.0
+        await speaker.queue.interrupt()
         speaker.saw_playing = False
         if self._stop_xiaoai != "none":
-            speaker.queue.append(_Item(_Kind.STOP))
+            speaker.queue.act(functools.partial(self._silence_xiaoai, speaker), at_once=True)
         if self._acknowledgement:
-            speaker.queue.append(_Item(_Kind.SAY, self._acknowledgement, mergeable=False))
-        self._kick(speaker)
+            speaker.queue.say(self._acknowledgement, mergeable=False)
 
     async def chunk(self, utterance: Utterance, chunk: SpeechChunk) -> None:
         """Queue one sentence for the utterance's speaker."""
-        text = chunk.text.strip()
-        if not text:
-            return
-        speaker = self._speaker(utterance)
-        if len(speaker.queue) >= self._max_queued:
-            speaker.queue.popleft()
-            _LOGGER.warning(
-                "%s: %s has %d sentences queued; dropping the oldest",
-                self._name,
-                speaker.media_player,
-                self._max_queued,
-            )
-        speaker.queue.append(_Item(_Kind.SAY, text))
-        self._kick(speaker)
+        if text := chunk.text.strip():
+            self._speaker(utterance).queue.say(text)
 
     async def end(self, answer: Answer) -> None:
         """Nothing to flush: queued sentences keep being spoken at their pace."""
@@ -284,83 +250,49 @@ class HomeAssistantSink:
     async def wait_idle(self) -> None:
         """Wait until every queued sentence was handed to Home Assistant."""
         for speaker in list(self._speakers.values()):
-            if speaker.task is not None and not speaker.task.done():
-                await speaker.idle.wait()
+            await speaker.queue.wait_idle()
 
     def pending(self, media_player: str) -> int:
         """Sentences queued (not yet sent) for one speaker."""
         speaker = self._speakers.get(media_player)
-        return len(speaker.queue) if speaker is not None else 0
+        return speaker.queue.pending if speaker is not None else 0
 
     def _speaker(self, utterance: Utterance) -> _Speaker:
-        media_player = utterance.extra.get("media_player") or utterance.device
+        media_player = _media_player_of(utterance)
         speaker = self._speakers.get(media_player)
         if speaker is None:
             target = self._speak_targets.get(media_player, media_player)
             speaker = _Speaker(media_player=media_player, target=target)
+            speaker.queue = SpeakerQueue(
+                functools.partial(self._say, speaker),
+                until_done=functools.partial(self._until_done, speaker),
+                name=self._name,
+                label=media_player,
+                merge_max_chars=self._merge_max_chars,
+                max_queued=self._max_queued,
+                clock=self._clock,
+            )
             self._speakers[media_player] = speaker
         return speaker
 
-    def _kick(self, speaker: _Speaker) -> None:
-        speaker.idle.clear()
-        speaker.wake.set()
-        if speaker.task is None or speaker.task.done():
-            speaker.task = asyncio.create_task(
-                self._work(speaker), name=f"{self._name}:speaker:{speaker.media_player}"
-            )
-
-    async def _work(self, speaker: _Speaker) -> None:
+    async def _until_done(self, speaker: _Speaker, playing: Playing) -> None:
+        """Until the estimate has passed, or the media_player stopped playing our text."""
         while True:
-            while not speaker.queue:
-                speaker.idle.set()
-                speaker.wake.clear()
-                await speaker.wake.wait()
-            if speaker.queue[0].kind is _Kind.STOP:
-                # Silencing XiaoAi does not wait for anything and does not end the interrupt.
-                speaker.queue.popleft()
-                await self._silence_xiaoai(speaker)
-                continue
-            await self._wait_until_free(speaker)
-            if not speaker.queue or speaker.queue[0].kind is not _Kind.SAY:
-                continue
-            item = speaker.queue.popleft()
-            text = item.text
-            while (
-                item.mergeable
-                and speaker.queue
-                and speaker.queue[0].kind is _Kind.SAY
-                and speaker.queue[0].mergeable
-                and len(text) + len(speaker.queue[0].text) <= self._merge_max_chars
-            ):
-                text = join_spoken(text, speaker.queue.popleft().text)
-            await self._say(speaker, text)
-
-    async def _wait_until_free(self, speaker: _Speaker) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if speaker.interrupted:
-                speaker.interrupted = False
-                return
             if self._follow_player_state and speaker.saw_playing:
                 if speaker.player_state != "playing":
                     return
-                deadline = speaker.sent_at + speaker.estimate_s * self._player_max_stretch
+                deadline = playing.sent_at + playing.seconds * self._player_max_stretch
             else:
-                deadline = speaker.sent_at + speaker.estimate_s
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+                deadline = playing.sent_at + playing.seconds
+            if deadline <= self._clock.now():
                 return
-            speaker.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await speaker.wake.wait()
+            speaker.player_changed.clear()
+            await self._clock.sleep_until_set(speaker.player_changed, deadline)
 
-    async def _say(self, speaker: _Speaker, text: str) -> None:
-        loop = asyncio.get_running_loop()
+    async def _say(self, speaker: _Speaker, text: str) -> float | None:
         # A "playing" report may arrive before the call returns (hass-xiaomi-miot refreshes
         # the media_player before answering), so start listening for it now.
         speaker.saw_playing = False
-        speaker.estimate_s = 0.0
         service_data, target = self._speak.build(speaker.target, text)
         ok = await self._call(
             speaker,
@@ -370,17 +302,18 @@ class HomeAssistantSink:
             target,
             return_response=self._ask_response,
         )
-        speaker.sent_at = loop.time()
-        if ok:
-            self.spoken += 1
-            speaker.estimate_s = estimate_speech_s(text, self._chars_per_second, self._overhead_s)
-            _LOGGER.debug(
-                "%s: speaking %d chars on %s (~%.1f s)",
-                self._name,
-                len(text),
-                speaker.target,
-                speaker.estimate_s,
-            )
+        if not ok:
+            return None
+        self.spoken += 1
+        estimate_s = estimate_speech_s(text, self._chars_per_second, self._overhead_s)
+        _LOGGER.debug(
+            "%s: speaking %d chars on %s (~%.1f s)",
+            self._name,
+            len(text),
+            speaker.target,
+            estimate_s,
+        )
+        return estimate_s
 
     async def _silence_xiaoai(self, speaker: _Speaker) -> None:
         service = "media_pause" if self._stop_xiaoai == "pause" else "media_stop"
@@ -471,4 +404,4 @@ class HomeAssistantSink:
         speaker.player_state = str(state) if state is not None else None
         if state == "playing":
             speaker.saw_playing = True
-        speaker.wake.set()
+        speaker.player_changed.set()

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import enum
+import functools
 import logging
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self
@@ -18,7 +17,15 @@ from xiaoai_bridge.clients.xiaomi.errors import XiaomiError
 from xiaoai_bridge.clients.xiaomi.mina import MinaClient
 from xiaoai_bridge.clients.xiaomi.miot import MiotClient, SpeakerActions, speaker_actions
 from xiaoai_bridge.models import Answer, QuestionId, SpeechChunk, Utterance
-from xiaoai_bridge.spoken import estimate_speech_s, join_spoken
+from xiaoai_bridge.sinks.speaker_queue import (
+    DEFAULT_MERGE_MAX_CHARS,
+    MAX_QUEUED_CHUNKS,
+    Clock,
+    Playing,
+    Sleep,
+    SpeakerQueue,
+)
+from xiaoai_bridge.spoken import estimate_speech_s
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -35,20 +42,13 @@ DEFAULT_STATUS_POLL_FROM = 0.75
 # many times the estimate plus the grace period, then the queue goes on.
 DEFAULT_MAX_SPEECH_STRETCH = 2.0
 DEFAULT_STATUS_GRACE_S = 2.0
-# Sentences that piled up while the speaker talked go out as one call, up to this length
-# (XiaoAi's TTS cuts long texts; the exact limit is unknown).
-DEFAULT_MERGE_MAX_CHARS = 120
 # What continuous conversation "says" to the speaker where it has no wake-up action.
 DEFAULT_WAKE_TEXT = "小爱同学"
-# Chunks waiting per speaker; beyond this the oldest are dropped.
-MAX_QUEUED_CHUNKS = 64
 
 TtsRoute = Literal["auto", "mina", "miot", "url"]
 Route = Literal["mina", "miot", "url"]
 SilenceMode = Literal["pause_stop", "pause", "stop", "none"]
 WakeMode = Literal["auto", "wake_up", "directive", "none"]
-
-Sleep = Callable[[float], Awaitable[None]]
 
 
 def _label(name: str, device_id: str) -> str:
@@ -67,33 +67,10 @@ class SpeakerTarget:
     actions: SpeakerActions
 
 
-class _Kind(enum.Enum):
-    SILENCE = "silence"
-    SAY = "say"
-    WAKE = "wake"
-
-
-@dataclass(frozen=True, slots=True)
-class _Item:
-    kind: _Kind
-    text: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class _Playing:
-    sent_at: float
-    estimate_s: float
-
-
 @dataclass(eq=False)
 class _Speaker:
     target: SpeakerTarget
-    queue: deque[_Item] = field(default_factory=deque)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    # Set while nothing is queued or being sent (the last sentence may still be playing).
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
-    playing: _Playing | None = None
+    queue: SpeakerQueue = field(init=False)
     # The utterance whose answer this speaker is giving (set by begin, cleared by end).
     answering: QuestionId | None = None
 
@@ -163,8 +140,7 @@ class XiaomiSink:
         self._grace_s = status_grace_s
         self._merge_max_chars = merge_max_chars
         self._max_queued = max_queued_chunks
-        self._clock = clock
-        self._sleep = sleep
+        self._clock = Clock(clock, sleep)
         self._speakers: dict[str, _Speaker] = {}
         self.spoken = 0
         self.failed = 0
@@ -187,18 +163,11 @@ class XiaomiSink:
 
     async def aclose(self) -> None:
         """Drop every queue and stop the speaker tasks."""
-        tasks = [sp.task for sp in self._speakers.values() if sp.task is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
         for speaker in self._speakers.values():
-            speaker.queue.clear()
-            speaker.task = None
-            speaker.idle.set()
+            await speaker.queue.aclose()
 
     def target(self, utterance: Utterance) -> SpeakerTarget:
-        """Where to speak the answer to `utterance` (from the source's `extra`)."""
+        """Where to speak the answer to `utterance`; the one place reading the source's `extra`."""
         extra = utterance.extra
         device_id = extra.get("device_id") or utterance.device
         hardware = extra.get("hardware", "")
@@ -232,43 +201,17 @@ class XiaomiSink:
     async def begin(self, utterance: Utterance) -> None:
         """A new question: drop the old answer, silence XiaoAi before anything is spoken."""
         speaker = self._speaker(utterance)
-        dropped = sum(1 for item in speaker.queue if item.kind is _Kind.SAY)
-        speaker.queue.clear()
-        task = speaker.task
-        if task is not None and not task.done():
-            # Also aborts a pacing wait or a status poll of the old answer: silence is due now.
-            task.cancel()
-            await asyncio.wait([task])
-        if dropped:
-            _LOGGER.info(
-                "%s: new question on %s; dropped %d queued sentence(s)",
-                self._name,
-                speaker.target.label,
-                dropped,
-            )
-        # XiaoAi's pause silences our old sentence too, and new speech would cut it anyway.
-        speaker.playing = None
+        # Also aborts a pacing wait or a status poll of the old answer: silence is due now,
+        # and XiaoAi's pause silences our old sentence too.
+        await speaker.queue.interrupt()
         speaker.answering = utterance.id
         if self._silence_mode != "none":
-            speaker.queue.append(_Item(_Kind.SILENCE))
-        self._kick(speaker)
+            speaker.queue.act(functools.partial(self._silence, speaker), at_once=True)
 
     async def chunk(self, utterance: Utterance, chunk: SpeechChunk) -> None:
         """Queue one sentence for the utterance's speaker."""
-        text = chunk.text.strip()
-        if not text:
-            return
-        speaker = self._speaker(utterance)
-        if len(speaker.queue) >= self._max_queued:
-            speaker.queue.popleft()
-            _LOGGER.warning(
-                "%s: %s has %d sentences queued; dropping the oldest",
-                self._name,
-                speaker.target.label,
-                self._max_queued,
-            )
-        speaker.queue.append(_Item(_Kind.SAY, text))
-        self._kick(speaker)
+        if text := chunk.text.strip():
+            self._speaker(utterance).queue.say(text)
 
     async def end(self, answer: Answer) -> None:
         """With `keep_listening`, wake the speaker once the last sentence has played."""
@@ -277,75 +220,42 @@ class XiaomiSink:
             return  # never begun (e.g. left to XiaoAi), or superseded by a newer question
         speaker.answering = None
         if answer.keep_listening and self._wake_mode != "none":
-            speaker.queue.append(_Item(_Kind.WAKE))
-            self._kick(speaker)
+            speaker.queue.act(functools.partial(self._wake, speaker), at_once=False)
 
     async def wait_idle(self) -> None:
         """Wait until every queued item was handed to the cloud."""
         for speaker in list(self._speakers.values()):
-            if speaker.task is not None and not speaker.task.done():
-                await speaker.idle.wait()
+            await speaker.queue.wait_idle()
 
     def pending(self, device: str) -> int:
         """Sentences queued (not yet sent) for one speaker."""
         speaker = self._speakers.get(device)
-        if speaker is None:
-            return 0
-        return sum(1 for item in speaker.queue if item.kind is _Kind.SAY)
+        return speaker.queue.pending if speaker is not None else 0
 
-    # --- the per-speaker worker ---------------------------------------------------------
+    # --- what the speaker queue calls -------------------------------------------------
 
     def _speaker(self, utterance: Utterance) -> _Speaker:
         target = self.target(utterance)
         speaker = self._speakers.get(utterance.device)
         if speaker is None:
             speaker = _Speaker(target)
+            speaker.queue = SpeakerQueue(
+                functools.partial(self._say, speaker),
+                until_done=functools.partial(self._until_done, speaker),
+                name=self._name,
+                label=target.label,
+                merge_max_chars=self._merge_max_chars,
+                max_queued=self._max_queued,
+                clock=self._clock,
+            )
             self._speakers[utterance.device] = speaker
         elif speaker.target != target:
             speaker.target = target
+            speaker.queue.label = target.label
         return speaker
 
-    def _kick(self, speaker: _Speaker) -> None:
-        speaker.idle.clear()
-        speaker.wake.set()
-        if speaker.task is None or speaker.task.done():
-            speaker.task = asyncio.create_task(
-                self._work(speaker), name=f"{self._name}:speaker:{speaker.target.label}"
-            )
-            speaker.task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and (error := task.exception()) is not None:
-            # A bug, not a cloud error (those are handled in place); the next item restarts it.
-            _LOGGER.error("%s: speaker task failed", self._name, exc_info=error)
-
-    async def _work(self, speaker: _Speaker) -> None:
-        while True:
-            while not speaker.queue:
-                speaker.idle.set()
-                speaker.wake.clear()
-                await speaker.wake.wait()
-            if speaker.queue[0].kind is not _Kind.SILENCE:
-                # Wait before taking the item, so sentences arriving meanwhile can merge.
-                await self._until_quiet(speaker)
-                if not speaker.queue:
-                    continue
-            item = speaker.queue.popleft()
-            if item.kind is _Kind.SILENCE:
-                await self._silence(speaker.target)
-            elif item.kind is _Kind.WAKE:
-                await self._wake(speaker.target)
-            else:
-                text = item.text
-                while (
-                    speaker.queue
-                    and speaker.queue[0].kind is _Kind.SAY
-                    and len(text) + len(speaker.queue[0].text) <= self._merge_max_chars
-                ):
-                    text = join_spoken(text, speaker.queue.popleft().text)
-                await self._say(speaker, text)
-
-    async def _silence(self, target: SpeakerTarget) -> None:
+    async def _silence(self, speaker: _Speaker) -> None:
+        target = speaker.target
         mode = self._silence_mode
         try:
             if mode in {"pause", "pause_stop"}:
@@ -363,14 +273,12 @@ class XiaomiSink:
             self.failed += 1
             _LOGGER.warning("%s: could not silence XiaoAi on %s: %s", self._name, target.label, err)
 
-    async def _say(self, speaker: _Speaker, text: str) -> None:
+    async def _say(self, speaker: _Speaker, text: str) -> float | None:
         target = speaker.target
-        speaker.playing = None
         if self._tts == "url":
             played_s = await self._say_by_url(target, text)
             if played_s is not None:
                 self.spoken += 1
-                speaker.playing = _Playing(sent_at=self._clock(), estimate_s=played_s)
                 _LOGGER.debug(
                     "%s: playing %d chars on %s by URL (%.1f s)",
                     self._name,
@@ -378,7 +286,7 @@ class XiaomiSink:
                     target.label,
                     played_s,
                 )
-                return
+                return played_s
         route = self._own_route(target)
         try:
             if route == "miot":
@@ -396,10 +304,9 @@ class XiaomiSink:
                 route,
                 err,
             )
-            return
+            return None
         self.spoken += 1
         estimate = estimate_speech_s(text, self._chars_per_second)
-        speaker.playing = _Playing(sent_at=self._clock(), estimate_s=estimate)
         _LOGGER.debug(
             "%s: speaking %d chars on %s via %s (~%.1f s)",
             self._name,
@@ -408,6 +315,7 @@ class XiaomiSink:
             route,
             estimate,
         )
+        return estimate
 
     async def _say_by_url(self, target: SpeakerTarget, text: str) -> float | None:
         """Speak through the external TTS; how long it plays, None if it could not."""
@@ -432,40 +340,36 @@ class XiaomiSink:
             return None
         return played_s
 
-    async def _until_quiet(self, speaker: _Speaker) -> None:
-        """Wait until the sentence last sent has been spoken."""
-        playing = speaker.playing
-        if playing is None:
-            return
+    async def _until_done(self, speaker: _Speaker, playing: Playing) -> None:
+        """Wait until the sentence last sent has been spoken, by play status where it has one."""
         target = speaker.target
-        estimate_end = playing.sent_at + playing.estimate_s
+        clock = self._clock
+        estimate_end = playing.sent_at + playing.seconds
         if not self._has_status(target):
-            await self._sleep_until(estimate_end + self._overhead_s)
-            speaker.playing = None
+            await clock.sleep_until(estimate_end + self._overhead_s)
             return
-        await self._sleep_until(playing.sent_at + playing.estimate_s * self._poll_from)
-        deadline = playing.sent_at + playing.estimate_s * self._max_stretch + self._grace_s
+        await clock.sleep_until(playing.sent_at + playing.seconds * self._poll_from)
+        deadline = playing.sent_at + playing.seconds * self._max_stretch + self._grace_s
         seen_playing = False
         while True:
             is_playing = await self._is_playing(target)
-            now = self._clock()
+            now = clock.now()
             if is_playing is None:
                 # The status could not be read: the estimate is all there is.
-                await self._sleep_until(estimate_end + self._overhead_s)
-                break
+                await clock.sleep_until(estimate_end + self._overhead_s)
+                return
             if is_playing:
                 seen_playing = True
             elif seen_playing or now >= estimate_end:
-                break
+                return
             if now >= deadline:
                 _LOGGER.debug("%s: %s still reports playing; going on", self._name, target.label)
-                break
+                return
             next_poll = now + self._poll_interval_s
             if not seen_playing:
                 # Not started yet, or already done: by the estimate's end it is decided.
                 next_poll = min(next_poll, estimate_end)
-            await self._sleep_until(min(next_poll, deadline))
-        speaker.playing = None
+            await clock.sleep_until(min(next_poll, deadline))
 
     def _has_status(self, target: SpeakerTarget) -> bool:
         if target.actions.reports_play_status:
@@ -487,7 +391,8 @@ class XiaomiSink:
             _LOGGER.debug("%s: no play status for %s: %s", self._name, target.label, err)
         return None
 
-    async def _wake(self, target: SpeakerTarget) -> None:
+    async def _wake(self, speaker: _Speaker) -> None:
+        target = speaker.target
         actions = target.actions
         if self._miot is None or not target.miot_did:
             _LOGGER.warning(
@@ -521,8 +426,3 @@ class XiaomiSink:
             _LOGGER.warning("%s: could not wake %s: %s", self._name, target.label, err)
             return
         _LOGGER.debug("%s: woke %s to listen again", self._name, target.label)
-
-    async def _sleep_until(self, when: float) -> None:
-        remaining = when - self._clock()
-        if remaining > 0:
-            await self._sleep(remaining)
