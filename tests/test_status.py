@@ -180,3 +180,46 @@ async def test_published_events_reach_subscribers() -> None:
         log.publish("answering", {"enabled": False})
         event = await subscription.get()
     assert event == Event("answering", {"enabled": False})
+
+
+async def test_each_event_is_encoded_once_for_every_page() -> None:
+    log = ConversationLog()
+    pages = [log.subscribe() for _ in range(3)]
+    log.publish("forgot", {"device": "厨房", "turns": 2})
+    events = [await page.get() for page in pages]
+    first = events[0]
+    assert first is not None
+    assert first.frame == 'event: forgot\ndata: {"device": "厨房", "turns": 2}\n\n'.encode()
+    # One encoding shared by every page, not one per page.
+    assert all(event is first and event.frame is first.frame for event in events)
+    log.close()
+
+
+async def test_a_page_takes_every_waiting_event_in_one_batch() -> None:
+    log = ConversationLog()
+    subscription = log.subscribe()
+    await converse(log, Utterance("你好", device="d", id=1), ["你好。", "再见。"], Outcome.ANSWERED)
+    batch = await subscription.next_batch()
+    assert [event.kind for event in batch] == ["begin", "chunk", "chunk", "end"]
+    waiting = asyncio.create_task(subscription.next_batch())
+    await asyncio.sleep(0)
+    assert not waiting.done()  # waits for the next event rather than spinning
+    log.publish("answering", {"enabled": True})
+    async with asyncio.timeout(1):
+        assert [event.kind for event in await waiting] == ["answering"]
+    subscription.close()
+    assert await subscription.next_batch() == []
+
+
+async def test_a_dropped_page_is_told_at_once_so_its_connection_can_end() -> None:
+    log = ConversationLog(queue_size=2)
+    dropped: list[str] = []
+    slow = log.subscribe(on_drop=lambda: dropped.append("slow"))
+    with log.subscribe(on_drop=lambda: dropped.append("closed normally")) as keeping_up:
+        for n in range(3):
+            log.publish("answering", {"enabled": n % 2 == 0})
+            assert await keeping_up.next_batch()
+            assert dropped == ([] if n < 2 else ["slow"])
+    assert dropped == ["slow"]
+    assert slow.dropped
+    assert await slow.next_batch() == []

@@ -50,6 +50,11 @@ ADAPTER_POLL_S = 1.0
 KEEPALIVE_S = 15.0
 # Open event streams are ended on shutdown; other requests get this long to finish.
 SHUTDOWN_TIMEOUT_S = 2.0
+# Each live page costs a connection and a queue; a few tabs are normal, hundreds are a mistake.
+MAX_LIVE_PAGES = 32
+LIVE_RETRY_AFTER_S = 30
+# A page that takes longer than this to accept one write has stopped reading: it is cut off.
+LIVE_WRITE_TIMEOUT_S = 10.0
 MASK = "***"
 WEB_DIR = Path(__file__).parent / "web"
 _ASSETS = {
@@ -199,7 +204,15 @@ class HttpServer:
         self._assets: dict[str, bytes] = {}
         self._runner: web.AppRunner | None = None
         self._host_names: frozenset[str] = frozenset()
+        self._live_pages = 0
+        # The adapters' health, shared by every live page polling it (time, health).
+        self._polled: tuple[float, dict[str, Any]] | None = None
         self.port = 0
+
+    @property
+    def live_pages(self) -> int:
+        """Live-page connections open now (at most MAX_LIVE_PAGES)."""
+        return self._live_pages
 
     @property
     def url(self) -> str:
@@ -453,43 +466,75 @@ class HttpServer:
         return web.json_response(self.state(), dumps=_dumps)
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
+        if self._live_pages >= MAX_LIVE_PAGES:
+            raise _Rejected(
+                503,
+                f"too many live pages ({MAX_LIVE_PAGES}) follow this server already: close "
+                "some status page tabs; this page retries by itself",
+                {"Retry-After": str(LIVE_RETRY_AFTER_S)},
+            )
+        self._live_pages += 1
+        try:
+            return await self._follow(request)
+        finally:
+            self._live_pages -= 1
+
+    async def _follow(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
         response.content_type = "text/event-stream"
         response.charset = "utf-8"
         await response.prepare(request)
+        transport = request.transport
+        if transport is None:
+            return response  # the page left before its stream began
         loop = asyncio.get_running_loop()
-        with self.log.subscribe() as subscription, contextlib.suppress(ConnectionResetError):
+        finished = False  # by the server's shutdown: the stream ends properly
+        # A page too slow for its queue may be stuck in a write: end its connection at once.
+        with (
+            self.log.subscribe(on_drop=transport.abort) as subscription,
+            # A write that timed out: the page stopped reading.
+            contextlib.suppress(ConnectionResetError, TimeoutError),
+        ):
             # The state comes first, through the same stream: no event falls between the two.
-            await _send(response, Event("state", self.state()))
+            await _write(response, Event("state", self.state()).frame)
             last_sent = loop.time()
-            adapters = self.health()[1]
+            adapters = self._polled_health()
             while True:
                 try:
                     async with asyncio.timeout(ADAPTER_POLL_S):
-                        event = await subscription.get()
+                        batch = await subscription.next_batch()
                 except TimeoutError:
-                    transport = request.transport
-                    if transport is None or transport.is_closing():
+                    if transport.is_closing():
                         break  # the page went away
-                    _, now = self.health()
+                    now = self._polled_health()
                     if (
                         now["adapters"] != adapters["adapters"]
                         or now["status"] != adapters["status"]
                     ):
                         adapters = now
-                        await _send(response, Event("adapters", now))
+                        await _write(response, Event("adapters", now).frame)
                         last_sent = loop.time()
                     elif loop.time() - last_sent >= KEEPALIVE_S:
-                        await response.write(b": keepalive\n\n")
+                        await _write(response, b": keepalive\n\n")
                         last_sent = loop.time()
                     continue
-                if event is None:
+                if not batch:
+                    finished = not subscription.dropped
                     break  # shutting down, or the page fell too far behind
-                await _send(response, event)
+                await _write(response, b"".join(event.frame for event in batch))
                 last_sent = loop.time()
+        if not finished:
+            transport.abort()  # no goodbye to a page that left or stopped reading
         return response
+
+    def _polled_health(self) -> dict[str, Any]:
+        """/healthz's body, computed once per poll interval however many pages ask."""
+        now = asyncio.get_running_loop().time()
+        if self._polled is None or now - self._polled[0] >= ADAPTER_POLL_S / 2:
+            self._polled = (now, self.health()[1])
+        return self._polled[1]
 
     async def _ask(self, request: web.Request) -> web.Response:
         body = await _json_object(request, required=("text",), optional=("device",))
@@ -603,9 +648,10 @@ def _dumps(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False)
 
 
-async def _send(response: web.StreamResponse, event: Event) -> None:
-    # json.dumps never emits a raw newline, so one data line carries the whole event.
-    await response.write(f"event: {event.kind}\ndata: {_dumps(event.data)}\n\n".encode())
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    """Write to a live page; TimeoutError when it has stopped reading."""
+    async with asyncio.timeout(LIVE_WRITE_TIMEOUT_S):
+        await response.write(data)
 
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:

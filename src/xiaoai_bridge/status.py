@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import json
 import logging
 import time
 from collections import OrderedDict, deque
@@ -24,12 +26,19 @@ DEFAULT_MAX_CHUNKS = 200
 DEFAULT_QUEUE_SIZE = 256
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Event:
     """One thing that happened, for the live page: `kind` names it, `data` is JSON-ready."""
 
     kind: str
     data: dict[str, Any]
+
+    @functools.cached_property
+    def frame(self) -> bytes:
+        """The event as one server-sent-events frame, encoded once however many pages follow."""
+        # json.dumps never emits a raw newline, so one data line carries the whole event.
+        data = json.dumps(self.data, ensure_ascii=False)
+        return f"event: {self.kind}\ndata: {data}\n\n".encode()
 
 
 @dataclass
@@ -72,9 +81,12 @@ class Conversation:
 class Subscription:
     """A page's view of the event feed: a bounded queue that ends when closed or too slow."""
 
-    def __init__(self, log: ConversationLog, size: int) -> None:
+    def __init__(
+        self, log: ConversationLog, size: int, on_drop: Callable[[], None] | None = None
+    ) -> None:
         self._log = log
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=size)
+        self._on_drop = on_drop
         self.closed = False
         self.dropped = False
 
@@ -83,6 +95,22 @@ class Subscription:
         if self.closed and self._queue.empty():
             return None
         return await self._queue.get()
+
+    async def next_batch(self) -> list[Event]:
+        """Every event waiting (at least one, waiting for it), or [] once ended.
+
+        A page behind by many events gets them in one write, not one wake-up each.
+        """
+        first = await self.get()
+        if first is None:
+            return []
+        batch = [first]
+        while not self._queue.empty():
+            event = self._queue.get_nowait()
+            if event is None:
+                break  # closed: what came before is still worth sending
+            batch.append(event)
+        return batch
 
     def close(self) -> None:
         """Stop receiving events; a pending `get` returns None."""
@@ -102,6 +130,8 @@ class Subscription:
             self.dropped = True
             _LOGGER.warning("a status page fell %d events behind; disconnected it", self._size)
             self.close()
+            if self._on_drop is not None:
+                self._on_drop()  # its connection may be stuck writing: end it now
 
     @property
     def _size(self) -> int:
@@ -198,9 +228,12 @@ class ConversationLog:
             for device in self.devices()
         }
 
-    def subscribe(self) -> Subscription:
-        """Start receiving events; close the subscription (or use `with`) when done."""
-        subscription = Subscription(self, self._queue_size)
+    def subscribe(self, on_drop: Callable[[], None] | None = None) -> Subscription:
+        """Start receiving events; close the subscription (or use `with`) when done.
+
+        `on_drop` is called if the subscriber falls too far behind and is cut off.
+        """
+        subscription = Subscription(self, self._queue_size, on_drop)
         self._subscribers.append(subscription)
         return subscription
 
@@ -211,6 +244,8 @@ class ConversationLog:
 
     def publish(self, kind: str, data: dict[str, Any]) -> None:
         """Hand an event to every subscriber without waiting."""
+        if not self._subscribers:
+            return
         event = Event(kind, data)
         for subscription in list(self._subscribers):
             subscription._offer(event)

@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from tests.fakes.openai_server import FakeOpenAI, Fault
 from xiaoai_bridge.app import Service, open_service, serve
 from xiaoai_bridge.config import HttpSettings, MqttSettings, Settings
 from xiaoai_bridge.errors import ConfigError
-from xiaoai_bridge.http import MAX_BODY_BYTES, HttpServer, open_http
+from xiaoai_bridge.http import MAX_BODY_BYTES, MAX_LIVE_PAGES, HttpServer, open_http
 
 TOKEN = "page-token-7f3a9c"
 MQTT_PASSWORD = "mqtt-pass-51d2e8"
@@ -569,3 +569,108 @@ async def test_allowed_hosts_star_answers_any_name(
     async with running(http_settings(tmp_path, mosquitto, llm, allowed_hosts=["*"])) as bridge:
         await bridge.wait_health(200)
         await bridge.call("GET", "/api/state", headers={"Host": "proxy.example"}, expect=200)
+
+
+@contextlib.asynccontextmanager
+async def stalled_page(bridge: Running) -> AsyncIterator[socket.socket]:
+    """A live page whose browser stopped reading: it asks for the feed, then never reads."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills up at once
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", bridge.http.port))
+        request = f"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:{bridge.http.port}\r\n\r\n"
+        await asyncio.get_running_loop().sock_sendall(sock, request.encode())
+        yield sock
+    finally:
+        sock.close()
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll `condition` until it holds (WAIT_S at most)."""
+    async with asyncio.timeout(WAIT_S):
+        while True:  # the server's counters have no event to wait on
+            if condition():
+                return
+            await asyncio.sleep(_POLL_S)
+
+
+async def test_live_pages_are_capped_and_a_stalled_one_never_holds_answers(
+    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI
+) -> None:
+    async with running(http_settings(tmp_path, mosquitto, llm)) as bridge:
+        await bridge.wait_health(200)
+        llm.answer = "好。"
+        async with contextlib.AsyncExitStack() as pages:
+            await pages.enter_async_context(stalled_page(bridge))
+            readers = []
+            for _ in range(MAX_LIVE_PAGES - 1):
+                stream = await pages.enter_async_context(
+                    bridge.client.get(bridge.base + "/api/events")
+                )
+                assert stream.status == 200
+                events = read_events(stream)
+                assert (await anext(events))[0] == "state"
+                readers.append(events)
+            await wait_until(lambda: bridge.http.live_pages == MAX_LIVE_PAGES)
+            # One page too many is told so in words, and to come back later.
+            async with bridge.client.get(bridge.base + "/api/events") as refused:
+                assert refused.status == 503
+                assert refused.headers["Retry-After"]
+                error = (await refused.json())["error"]
+            assert f"too many live pages ({MAX_LIVE_PAGES})" in error
+            assert "close" in error
+            # The state and the API still answer; questions are answered while the pages follow.
+            await bridge.call("GET", "/api/state", expect=200)
+            asked = 50
+            for n in range(asked):
+                await bridge.call(
+                    "POST", "/api/ask", json={"text": f"问题{n}", "device": f"d{n}"}, expect=202
+                )
+            async with asyncio.timeout(WAIT_S):
+                await llm.wait_for_requests(asked)
+                await bridge.service.dispatcher.drain()
+            for events in readers:
+                ends = 0
+                async with asyncio.timeout(WAIT_S):
+                    async for kind, _ in events:
+                        ends += kind == "end"
+                        if ends == asked:
+                            break
+        # Pages that left free their places.
+        await wait_until(lambda: bridge.http.live_pages == 0)
+        async with bridge.client.get(bridge.base + "/api/events") as again:
+            assert again.status == 200
+
+
+async def test_a_page_that_stops_reading_is_cut_off_and_the_rest_carry_on(
+    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(http_settings(tmp_path, mosquitto, llm)) as bridge:
+        await bridge.wait_health(200)
+        async with stalled_page(bridge) as stalled:
+            await wait_until(lambda: bridge.http.log.subscribers == 1)
+            # Far more than the kernel's socket buffers and the page's queue hold together.
+            padding = "长" * 10_000
+            for n in range(1_000):
+                bridge.http.log.publish("forgot", {"device": "d", "turns": n, "pad": padding})
+                if n % 50 == 0:
+                    await asyncio.sleep(0)  # let the page's connection write
+            # The server ends the stalled connection rather than wait on it, unread.
+            await wait_until(lambda: bridge.http.live_pages == 0)
+            assert bridge.http.log.subscribers == 0
+            assert any("fell" in r.getMessage() for r in caplog.records)
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(WAIT_S):
+                while True:
+                    try:
+                        if not await loop.sock_recv(stalled, 1 << 20):
+                            break
+                    except ConnectionResetError:
+                        break
+        llm.answer = "还在。"
+        await bridge.call("POST", "/api/ask", json={"text": "你还在吗"}, expect=202)
+        async with asyncio.timeout(WAIT_S):
+            await llm.wait_for_requests(1)
+        async with bridge.client.get(bridge.base + "/api/events") as again:
+            assert again.status == 200

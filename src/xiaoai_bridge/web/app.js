@@ -377,7 +377,14 @@ function connect() {
   });
   source.addEventListener("error", () => {
     live.dataset.state = "down";
-    live.textContent = "reconnecting…";
+    if (source.readyState !== EventSource.CLOSED) {
+      live.textContent = "reconnecting…";
+      return;
+    }
+    // Refused (e.g. too many live pages open): the browser gives up, so retry later ourselves.
+    source.close();
+    live.textContent = "refused by the server; retrying in 30 s";
+    setTimeout(connect, 30000);
   });
   source.addEventListener("state", (event) => loadState(JSON.parse(event.data)));
   source.addEventListener("begin", (event) => {
