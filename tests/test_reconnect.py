@@ -158,6 +158,35 @@ async def test_cancellation_while_waiting_is_not_swallowed() -> None:
     assert policy.state is ConnectionState.RECONNECTING
 
 
+async def test_a_cancel_reported_as_a_lost_connection_still_ends_the_runner() -> None:
+    time = FakeTime()
+    policy, runner = make(time)
+    waiting = asyncio.Event()
+    calls = 0
+
+    async def attempt() -> str:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            return "served again"  # where a runner that swallowed the cancel would end up
+        try:
+            waiting.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise Away("connection lost") from None  # as aiomqtt may report a cancel
+        return "unreachable"
+
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(runner.run(attempt))
+        await waiting.wait()
+        task.cancel()
+
+    assert task.cancelled()
+    assert calls == 1
+    assert time.sleeps == []
+    assert policy.failures == 0  # a shutdown, not a lost connection
+
+
 async def test_on_failure_sees_the_recorded_failure_and_its_delay() -> None:
     time = FakeTime()
     seen: list[tuple[str, float, int]] = []

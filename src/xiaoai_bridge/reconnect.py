@@ -127,7 +127,7 @@ class ReconnectRunner:
     The attempt says when it is connected (`policy.connected()`) and raises when the
     connection fails or ends; `classify` says whether and how soon to try again, the policy
     records the failure and says how long to wait. A returning attempt ends the loop with its
-    value; cancellation passes through untouched.
+    value; cancellation passes through, even when the attempt reports it as another error.
     """
 
     def __init__(
@@ -150,6 +150,11 @@ class ReconnectRunner:
             try:
                 return await attempt()
             except Exception as err:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # A library turned our cancellation into its own error (aiomqtt does,
+                    # during connect and disconnect); retrying would swallow the shutdown.
+                    raise asyncio.CancelledError from err
                 retry = self._classify(err)
                 if retry is None:
                     raise
