@@ -18,7 +18,13 @@ import yarl
 from xiaoai_bridge.clients.homeassistant_entities import EntityChange, EntityMirror, valid_entity_id
 from xiaoai_bridge.errors import BridgeError, ConfigError
 from xiaoai_bridge.jsonwire import parse_json
-from xiaoai_bridge.reconnect import ConnectionState, ReconnectPolicy
+from xiaoai_bridge.reconnect import (
+    ConnectionState,
+    ReconnectPolicy,
+    ReconnectRunner,
+    Retry,
+    classify_by_type,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -662,6 +668,9 @@ class EventStream:
             self._ready.set()
 
 
+_CLASSIFY = classify_by_type({HomeAssistantAuthError: Retry.NEVER, HomeAssistantError: Retry.SOON})
+
+
 class HomeAssistantClient:
     """Long-lived client: reconnects with backoff, resubscribes, fans events out to streams.
 
@@ -897,31 +906,34 @@ class HomeAssistantClient:
         return discover_conversation_sensors(await self.get_states())
 
     async def _run(self) -> None:
-        while True:
-            connection = HomeAssistantConnection(
-                self._base_url, self._token, session=self._session, **self._connection_options
-            )
-            try:
-                error = await self._connect_once(connection)
-            except HomeAssistantAuthError as err:
-                # The message says what to do; a traceback would only bury it.
-                _LOGGER.error("%s: %s", self.name, err)  # noqa: TRY400
-                self._fatal = err
-                self.policy.fatal(err)
-                self._first_attempt.set()
-                self._connected.set()  # wake waiters so they see the fatal error
-                for stream in list(self._streams):
-                    stream._finish(err)
-                self._streams.clear()
-                return
-            except HomeAssistantError as err:
-                error = err
-            finally:
-                self._connection = None
-                self._connected.clear()
-            delay = self.policy.failed(error)
+        runner = ReconnectRunner(
+            self.policy, _CLASSIFY, sleep=self._sleep, on_failure=self._attempt_failed
+        )
+        try:
+            await runner.run(self._attempt)
+        except HomeAssistantAuthError as err:
+            # The message says what to do; a traceback would only bury it.
+            _LOGGER.error("%s: %s", self.name, err)  # noqa: TRY400
+            self._fatal = err
             self._first_attempt.set()
-            await self._sleep(delay)
+            self._connected.set()  # wake waiters so they see the fatal error
+            for stream in list(self._streams):
+                stream._finish(err)
+            self._streams.clear()
+
+    async def _attempt(self) -> None:
+        connection = HomeAssistantConnection(
+            self._base_url, self._token, session=self._session, **self._connection_options
+        )
+        try:
+            closed = await self._connect_once(connection)
+        finally:
+            self._connection = None
+            self._connected.clear()
+        raise closed  # a connection only ends by failing; the runner retries it
+
+    def _attempt_failed(self, error: Exception, delay: float) -> None:
+        self._first_attempt.set()  # start() waits for the first outcome, good or bad
 
     async def _connect_once(self, connection: HomeAssistantConnection) -> HomeAssistantError:
         async with connection:
