@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import aiomqtt
 
-from xiaoai_bridge.reconnect import ReconnectPolicy
+from xiaoai_bridge.reconnect import ReconnectPolicy, ReconnectRunner, Retry
 
 _LOGGER = logging.getLogger(__name__)
 # aiomqtt warns at every publish beyond ten unacknowledged ones; our window allows more on
@@ -173,22 +173,20 @@ class MqttConnection:
 
     async def run(self) -> None:
         """Connect, serve, reconnect with backoff; until cancelled."""
-        while True:
-            try:
-                await self._serve_once()
-            except aiomqtt.MqttCodeError as err:
-                auth = err.rc in (4, 5, 134, 135)  # bad credentials / not authorised
-                delay = self.policy.failed(err, auth=auth)
-            except (aiomqtt.MqttError, OSError, TimeoutError) as err:
-                delay = self.policy.failed(err)
-            finally:
-                self._connected.clear()
-                self._client = None
-                # Unacknowledged messages go out again first, in their original order.
-                self._outbox.extendleft(reversed(list(self._unacked.values())))
-                self._unacked.clear()
-            _raise_if_cancelling()
-            await asyncio.sleep(delay)
+        # The runner also ends on a cancel that aiomqtt reports as an MqttError (it can,
+        # during connect and disconnect), which would otherwise look like a lost connection.
+        await ReconnectRunner(self.policy, _classify).run(self._attempt)
+
+    async def _attempt(self) -> None:
+        try:
+            await self._serve_once()
+        finally:
+            self._connected.clear()
+            self._client = None
+            # Unacknowledged messages go out again first, in their original order.
+            self._outbox.extendleft(reversed(list(self._unacked.values())))
+            self._unacked.clear()
+        raise aiomqtt.MqttError("the broker session ended")  # so the runner reconnects
 
     async def close(self) -> None:
         """Announce `offline` (the will covers crashes; this covers orderly stops)."""
@@ -301,12 +299,12 @@ class MqttConnection:
             self._outbox_empty.set()
 
 
-def _raise_if_cancelling() -> None:
-    # aiomqtt can turn a cancellation during connect or disconnect into an MqttError; caught
-    # as a lost connection, the cancel would be swallowed and the loop would run for ever.
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+def _classify(error: Exception) -> Retry | None:
+    if isinstance(error, aiomqtt.MqttCodeError) and error.rc in (4, 5, 134, 135):
+        return Retry.SLOWLY  # bad credentials / not authorised
+    if isinstance(error, aiomqtt.MqttError | OSError | TimeoutError):
+        return Retry.SOON
+    return None
 
 
 # aiomqtt 2.x has no public switch for manual acknowledgements; paho, which it wraps, does.
