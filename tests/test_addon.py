@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tomllib
 import urllib.request
+import zipfile
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -240,6 +241,18 @@ def test_addon_metadata_matches_the_project() -> None:
     repository = yaml.safe_load((ROOT / "repository.yaml").read_text())
     assert repository["name"]
     assert repository["maintainer"]
+
+
+def test_addon_folder_carries_the_wheel_of_its_version() -> None:
+    """The Supervisor builds the folder alone: the release's wheel must be in it."""
+    version = addon_config()["version"]
+    wheels = sorted(p.name for p in ADDON.glob("*.whl"))
+    assert wheels == [f"xiaoai_bridge-{version}-py3-none-any.whl"]
+    with zipfile.ZipFile(ADDON / wheels[0]) as wheel:
+        metadata = wheel.read(f"xiaoai_bridge-{version}.dist-info/METADATA").decode()
+        entry_points = wheel.read(f"xiaoai_bridge-{version}.dist-info/entry_points.txt").decode()
+    assert f"\nVersion: {version}\n" in metadata
+    assert "xiaoai-bridge = xiaoai_bridge.cli:main" in entry_points
 
 
 @pytest.fixture
