@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -26,7 +28,7 @@ from xiaoai_bridge.clients.xiaomi import (
 )
 from xiaoai_bridge.config import DEFAULT_EMBEDDED_HOST, XIAOMI_TOKEN_FILE, Settings, TriggerSettings
 from xiaoai_bridge.discovery import DiscoveryCleaner, HomeAssistantDiscovery
-from xiaoai_bridge.errors import ConfigError
+from xiaoai_bridge.errors import ConfigError, DataDirError
 from xiaoai_bridge.http import HttpServer, open_http
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
 from xiaoai_bridge.models import Answer
@@ -59,9 +61,34 @@ def build_trigger(settings: TriggerSettings) -> Trigger:
     return Trigger(strip_regex=settings.strip_regex, mode=settings.mode, keywords=settings.keywords)
 
 
+def prepare_data_dir(path: Path) -> None:
+    """Create the data dir owner-only and prove it writable, or say what to fix."""
+    fix = "set data_dir (or XIAOAI_BRIDGE_DATA_DIR) to a writable directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError as err:
+        raise DataDirError(f"data_dir {path} is a file, not a directory: {fix}") from err
+    except NotADirectoryError as err:
+        raise DataDirError(
+            f"data_dir {path} cannot be created: part of that path is a file, not a directory; "
+            f"{fix}"
+        ) from err
+    except OSError as err:
+        raise DataDirError(f"data_dir {path} cannot be created ({err.strerror}): {fix}") from err
+    # Root passes permission checks, a read-only mount does not: only a real write tells.
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise DataDirError(
+            f"data_dir {path} is not writable by this user ({err.strerror}): {fix}"
+        ) from err
+
+
 @contextlib.contextmanager
 def open_memory(settings: Settings) -> Iterator[ConversationMemory]:
     """The per-device conversation memory in the data dir."""
+    prepare_data_dir(settings.data_dir)
     memory = ConversationMemory(
         settings.data_dir / MEMORY_FILE,
         max_turns=settings.memory.max_turns,
@@ -358,7 +385,7 @@ async def _add_xiaomi(service: Service, stack: contextlib.AsyncExitStack) -> Non
 @contextlib.asynccontextmanager
 async def open_service(settings: Settings) -> AsyncIterator[Service]:
     """Build every configured mode around one pipeline; nothing runs until `run`."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    prepare_data_dir(settings.data_dir)
     async with contextlib.AsyncExitStack() as stack:
         pipeline = await stack.enter_async_context(open_pipeline(settings))
         inbox = await stack.enter_async_context(open_inbox(settings))

@@ -16,7 +16,13 @@ import aiomqtt
 from pydantic import SecretStr
 
 from xiaoai_bridge import __version__
-from xiaoai_bridge.app import mina_client, open_pipeline, run_service, xiaomi_auth
+from xiaoai_bridge.app import (
+    mina_client,
+    open_pipeline,
+    prepare_data_dir,
+    run_service,
+    xiaomi_auth,
+)
 from xiaoai_bridge.clients.homeassistant import ProbeResult, probe
 from xiaoai_bridge.clients.xiaomi import is_known_model, new_session, parse_pasted_login
 from xiaoai_bridge.config import (
@@ -26,7 +32,7 @@ from xiaoai_bridge.config import (
     find_config_file,
     load_settings,
 )
-from xiaoai_bridge.errors import BridgeError, ConfigError, LLMError
+from xiaoai_bridge.errors import BridgeError, ConfigError, DataDirError, LLMError
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
 from xiaoai_bridge.log import setup_logging
 from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
@@ -37,6 +43,7 @@ EXIT_FAILED = 1  # `check` found a problem, or `ask` got no answer
 EXIT_USAGE = 2  # argparse's own code for bad arguments
 EXIT_CONFIG = 3  # the configuration is invalid
 EXIT_RUNTIME = 4  # the service stopped on an error
+EXIT_DATA = 5  # the data dir or the memory database in it cannot be used
 
 CHECK_TIMEOUT_S = 15.0
 
@@ -151,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
+        if isinstance(err, DataDirError):
+            return EXIT_DATA
         # Xiaomi login failures each have their own documented code.
         code = getattr(err, "exit_code", EXIT_RUNTIME)
         return code if isinstance(code, int) else EXIT_RUNTIME
@@ -274,7 +283,7 @@ def _login_settings(
 
 
 async def _login(settings: Settings, pasted: tuple[str, str] | None) -> int:
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    prepare_data_dir(settings.data_dir)
     async with new_session() as session:
         auth = xiaomi_auth(settings, session)
         if pasted is not None:

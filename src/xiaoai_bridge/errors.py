@@ -34,3 +34,7 @@ class BadInputError(BridgeError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class DataDirError(BridgeError):
+    """The data dir or a file in it cannot be used; the message names the path and the fix."""

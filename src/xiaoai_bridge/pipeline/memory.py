@@ -6,6 +6,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from xiaoai_bridge.errors import DataDirError
 from xiaoai_bridge.llm.base import ChatMessage
 from xiaoai_bridge.spoken import is_wide
 
@@ -42,15 +43,19 @@ class ConversationMemory:
 
     def open(self) -> None:
         """Create or open the database (":memory:" when no path was given)."""
-        if self._path is not None:
-            self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._db = sqlite3.connect(str(self._path or ":memory:"), isolation_level=None)
-        if self._path is not None:
-            self._path.chmod(0o600)  # conversations are private
-        # WAL + NORMAL: a commit costs no fsync; a power cut may lose the last turn only.
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        try:
+            if self._path is not None:
+                self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._db = sqlite3.connect(str(self._path or ":memory:"), isolation_level=None)
+            if self._path is not None:
+                self._path.chmod(0o600)  # conversations are private
+            # WAL + NORMAL: a commit costs no fsync; a power cut may lose the last turn only.
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as err:
+            self.close()
+            raise _open_error(self._path, err) from err
 
     def close(self) -> None:
         """Close the database."""
@@ -115,3 +120,20 @@ class ConversationMemory:
         if self._db is None:
             raise RuntimeError("ConversationMemory used before open()")
         return self._db
+
+
+def _open_error(path: Path | None, err: sqlite3.Error | OSError) -> DataDirError:
+    """What the user should do about a memory database that does not open."""
+    if isinstance(err, sqlite3.Error) and err.sqlite_errorcode in (
+        sqlite3.SQLITE_NOTADB,
+        sqlite3.SQLITE_CORRUPT,
+    ):
+        return DataDirError(
+            f"the memory database {path} is damaged ({err}): move it aside and start again "
+            "(it only holds recent conversations)"
+        )
+    reason = err.strerror if isinstance(err, OSError) else str(err)
+    return DataDirError(
+        f"the memory database {path} cannot be opened ({reason}): check that data_dir is a "
+        "writable directory"
+    )
