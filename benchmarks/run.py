@@ -21,7 +21,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import aiomqtt
+import psutil
 from tests.fakes.mosquitto import Mosquitto, free_port
 from tests.fakes.xiaomi_cloud import FakeXiaomiCloud
 
@@ -406,6 +408,66 @@ async def bench_first_words(work: Path, questions: int, poll_interval_s: float) 
     ]
 
 
+async def bench_live_pages(
+    broker: Mosquitto, work: Path, count: int, pages: int = 300
+) -> list[Row]:
+    """A burst of questions alone, then with `pages` status pages trying to follow it live."""
+
+    async def burst(
+        c: aiomqtt.Client, s: Listener, service: BridgeProcess, tag: str
+    ) -> tuple[float, float]:
+        done, cpu_before = len(s.replied), service.cpu_s()
+        start = time.perf_counter()
+        for n in range(count):
+            await ask(c, f"{tag}{n}", f"dev-{n % 100}")
+        await s.wait_replies(done + count, 120)
+        elapsed = max(s.replied[f"{tag}{n}"] for n in range(count)) - start
+        return elapsed, (service.cpu_s() - cpu_before) * 1000 / count
+
+    async def follow(session: aiohttp.ClientSession, url: str) -> int:
+        async with session.get(url) as response:
+            if response.status == 200:
+                async for _ in response.content.iter_any():
+                    pass
+            return response.status
+
+    async with (
+        fake_llm(0, 0, 8) as url,
+        bridge(broker, url, work) as service,
+        listener(broker) as (c, s),
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
+    ):
+        [port] = {
+            conn.laddr.port
+            for conn in psutil.Process(service.proc.pid).net_connections("tcp")
+            if conn.status == psutil.CONN_LISTEN
+        }
+        await burst(c, s, service, "warm")
+        alone, alone_cpu = await burst(c, s, service, "alone")
+        followers = [
+            asyncio.create_task(follow(session, f"http://127.0.0.1:{port}/api/events"))
+            for _ in range(pages)
+        ]
+        await asyncio.sleep(2.0)  # every page connected (or refused)
+        refused = sum(1 for task in followers if task.done() and task.result() == 503)
+        watched, watched_cpu = await burst(c, s, service, "live")
+        for task in followers:
+            task.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
+    # CPU, not wall time: the pages' readers share the machine with the bridge.
+    ratio = watched_cpu / alone_cpu
+    return [
+        Row(
+            f"{count}-question burst with {pages} live pages opened "
+            f"({pages - refused} admitted, {refused} refused) vs none",
+            f"service CPU {watched_cpu:.2f} vs {alone_cpu:.2f} ms per question ({ratio:.2f}x); "
+            f"burst {watched * 1000:.0f} ms vs {alone * 1000:.0f} ms",
+            "CPU < 1.5x",
+            ratio < 1.5,
+        )
+    ]
+
+
 def machine() -> str:
     """One line describing where the figures come from."""
     cpu = "unknown CPU"
@@ -428,6 +490,7 @@ async def main(args: argparse.Namespace) -> int:
             rows = await bench_overhead(broker, work, args.questions)
             rows += await bench_concurrency(broker, work, args.devices)
             rows += await bench_throughput(broker, work, args.throughput)
+            rows += await bench_live_pages(broker, work, args.throughput)
         rows += await bench_xiaomi(work, args.xiaomi, args.poll_interval)
         rows += await bench_first_words(work, args.xiaomi, args.poll_interval)
     if args.markdown:

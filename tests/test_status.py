@@ -223,3 +223,15 @@ async def test_a_dropped_page_is_told_at_once_so_its_connection_can_end() -> Non
     assert dropped == ["slow"]
     assert slow.dropped
     assert await slow.next_batch() == []
+
+
+async def test_a_lingering_page_gathers_a_burst_into_one_batch() -> None:
+    log = ConversationLog()
+    with log.subscribe() as subscription:
+        log.publish("answering", {"enabled": False})
+        waiting = asyncio.create_task(subscription.next_batch(linger_s=0.05))
+        await asyncio.sleep(0)
+        log.publish("answering", {"enabled": True})  # arrives while the page lingers
+        async with asyncio.timeout(1):
+            batch = await waiting
+    assert [event.data["enabled"] for event in batch] == [False, True]

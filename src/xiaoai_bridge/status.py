@@ -96,14 +96,17 @@ class Subscription:
             return None
         return await self._queue.get()
 
-    async def next_batch(self) -> list[Event]:
+    async def next_batch(self, linger_s: float = 0.0) -> list[Event]:
         """Every event waiting (at least one, waiting for it), or [] once ended.
 
-        A page behind by many events gets them in one write, not one wake-up each.
+        After the first event, waits `linger_s` for more: in a burst a page gets many events
+        per wake-up and write, not one each.
         """
         first = await self.get()
         if first is None:
             return []
+        if linger_s > 0:
+            await asyncio.sleep(linger_s)
         batch = [first]
         while not self._queue.empty():
             event = self._queue.get_nowait()
