@@ -224,7 +224,10 @@ class LLMSettings(_Section):
         default=DEFAULT_SYSTEM_PROMPT, description="System prompt; the default suits a speaker."
     )
     timeout_s: float = Field(
-        default=DEFAULT_TIMEOUT_S, gt=0, description="Per-request network timeout, in seconds."
+        default=DEFAULT_TIMEOUT_S,
+        gt=0,
+        description="Seconds to wait for the first words, retries included (then the "
+        "apology); after them, the longest silence between two reads.",
     )
     max_retries: int = Field(
         default=DEFAULT_MAX_RETRIES,

@@ -29,6 +29,8 @@ DEFAULT_RETRY_AFTER = 1.0
 DEFAULT_FAULT_AFTER_TOKENS = 2
 # The benchmark runs for minutes at hundreds of requests a second; keep memory flat.
 DEFAULT_RECORD_LIMIT = 10_000
+# Deeper than Python's recursion limit: json.loads raises RecursionError on it.
+DEEP_NESTING = 100_000
 _SYSTEM_FINGERPRINT = "fp_fake0001"
 _OWNED_BY = "fake-openai"
 
@@ -46,6 +48,8 @@ class Fault(StrEnum):
     MALFORMED_FRAME = "malformed"  # one cut-off JSON frame, then the rest (non-stream: cut body)
     EMPTY_CHOICES = "empty_choices"  # ``choices: []`` in the body or in every chunk
     DROP_MID_STREAM = "drop"  # some tokens, then the TCP connection is aborted
+    DEEP_FRAME = "deep_frame"  # one frame of JSON nested too deep to parse (non-stream: the body)
+    DEEP_ERROR = "deep_error"  # a 500 whose body is JSON nested too deep to parse
 
 
 @dataclass(frozen=True)
@@ -458,6 +462,8 @@ class FakeOpenAI:
         if fault is Fault.SERVER_ERROR:
             message = "The server had an error while processing your request. Sorry about that!"
             return self._json_response(record, 500, _error_body(message, "server_error", None))
+        if fault is Fault.DEEP_ERROR:
+            return self._json_response(record, 500, "[" * DEEP_NESTING + "]" * DEEP_NESTING)
         if fault is Fault.RATE_LIMIT:
             retry_after = self.retry_after if spec.retry_after is None else spec.retry_after
             message = (
@@ -532,6 +538,8 @@ class FakeOpenAI:
         text = _dumps(payload)
         if fault is Fault.MALFORMED_FRAME:
             text = text[: len(text) // 2]
+        elif fault is Fault.DEEP_FRAME:
+            text = "[" * DEEP_NESTING + "]" * DEEP_NESTING
         return self._json_response(record, 200, text)
 
     async def _stream(
@@ -611,6 +619,8 @@ class FakeOpenAI:
         """Inject a fault between tokens; False means the stream is over."""
         if fault is Fault.MALFORMED_FRAME:
             await response.write(frames.malformed())
+        elif fault is Fault.DEEP_FRAME:
+            await response.write(b"data: " + b"[" * DEEP_NESTING + b"]" * DEEP_NESTING + b"\n\n")
         elif fault is Fault.HANG_MID_STREAM:
             await self._hang()
             self._drop(request)

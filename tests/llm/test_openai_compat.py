@@ -13,7 +13,7 @@ from tests.fakes.openai_server import FakeOpenAI, Fault
 from xiaoai_bridge.config import LLMSettings
 from xiaoai_bridge.errors import LLMError
 from xiaoai_bridge.llm.base import ChatMessage
-from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
+from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend, retry_delay
 
 QUESTION = [ChatMessage("system", "be brief"), ChatMessage("user", '引号"和\n换行\\')]
 
@@ -60,6 +60,8 @@ async def test_streams_the_answer_and_sends_the_openai_request(llm: FakeOpenAI) 
         (Fault.DROP_MID_STREAM, "connection"),
         (Fault.HANG, "timeout"),
         (Fault.HANG_MID_STREAM, "timeout"),
+        (Fault.DEEP_FRAME, "malformed"),
+        (Fault.DEEP_ERROR, "server_error"),
     ],
 )
 async def test_faults_become_short_reasons(llm: FakeOpenAI, fault: Fault, reason: str) -> None:
@@ -126,3 +128,71 @@ async def test_check_reports_model_availability(llm: FakeOpenAI) -> None:
     assert isinstance(checks[1], LLMError)
     assert checks[1].reason == "unknown_model"
     assert "fake-model" in checks[1].detail
+
+
+RETRIES = 3
+
+
+@pytest.mark.parametrize(
+    ("reason", "attempt", "retry_after", "remaining_s", "expected"),
+    [
+        # A timeout spent the budget for the first words: never retried.
+        ("timeout", 0, None, 100.0, None),
+        # Fast failures back off exponentially; jitter 1.0 here means the full step.
+        ("connection", 0, None, 10.0, 0.5),
+        ("server_error", 1, None, 10.0, 1.0),
+        ("server_error", 2, None, 10.0, 2.0),
+        ("rate_limited", 0, 0.2, 10.0, 0.2),
+        # Out of retries.
+        ("server_error", RETRIES, None, 10.0, None),
+        # A wait that would end past the deadline is not worth starting.
+        ("server_error", 1, None, 0.9, None),
+        ("rate_limited", 0, 5.0, 3.0, None),
+        # A Retry-After past the cap is not waited for, whatever the budget.
+        ("rate_limited", 0, 60.0, 100.0, None),
+    ],
+)
+def test_retry_rules(
+    reason: str,
+    attempt: int,
+    retry_after: float | None,
+    remaining_s: float,
+    expected: float | None,
+) -> None:
+    delay = retry_delay(
+        reason,
+        attempt,
+        max_retries=RETRIES,
+        retry_after=retry_after,
+        remaining_s=remaining_s,
+        jitter=1.0,
+    )
+    assert delay == expected
+
+
+def test_retry_jitter_shortens_the_backoff_by_at_most_a_quarter() -> None:
+    delays = [
+        retry_delay(
+            "connection", 2, max_retries=RETRIES, retry_after=None, remaining_s=10, jitter=j
+        )
+        for j in (0.0, 0.5, 1.0)
+    ]
+    assert delays == [1.5, 1.75, 2.0]
+
+
+async def test_a_hang_is_not_retried(llm: FakeOpenAI) -> None:
+    llm.set_fault(Fault.HANG)
+    assert await fails_with(llm_settings(llm, timeout_s=0.3, max_retries=3)) == "timeout"
+    assert llm.request_count == 1
+
+
+async def test_headers_without_words_time_out_at_the_deadline(llm: FakeOpenAI) -> None:
+    llm.set_fault(Fault.HANG_MID_STREAM, after_tokens=0)
+    assert await fails_with(llm_settings(llm, timeout_s=0.3, max_retries=3)) == "timeout"
+    assert llm.request_count == 1
+
+
+async def test_a_retry_after_beyond_the_budget_is_not_waited_for(llm: FakeOpenAI) -> None:
+    llm.set_fault(Fault.RATE_LIMIT, retry_after=3)
+    assert await fails_with(llm_settings(llm, timeout_s=1, max_retries=3)) == "rate_limited"
+    assert llm.request_count == 1

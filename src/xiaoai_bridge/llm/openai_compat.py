@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from xiaoai_bridge import __version__
 from xiaoai_bridge.errors import LLMError, LLMNotConfiguredError
+from xiaoai_bridge.jsonwire import parse_json
 from xiaoai_bridge.llm.base import ChatMessage
 
 if TYPE_CHECKING:
@@ -67,13 +67,24 @@ class OpenAICompatBackend:
             body["temperature"] = self._settings.temperature
         if self._settings.max_tokens is not None:
             body["max_tokens"] = self._settings.max_tokens
-        produced = False
-        async with self._post("/chat/completions", body) as response:
-            async for delta in _deltas(response):
-                produced = True
+        # `timeout_s` bounds the wait for the first words, every attempt and backoff included:
+        # the speaker apologises in time even if each retry would have hung again.
+        deadline = asyncio.get_running_loop().time() + self._settings.timeout_s
+        async with (
+            self._post("/chat/completions", body, deadline) as response,
+            contextlib.aclosing(_deltas(response)) as deltas,
+        ):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    first = await anext(deltas, None)
+            except TimeoutError as err:
+                raise _timeout_error() from err
+            if first is None:
+                raise LLMError("empty", "the LLM returned no content")
+            yield first
+            # From here each read has its own `timeout_s` (the session's sock_read).
+            async for delta in deltas:
                 yield delta
-        if not produced:
-            raise LLMError("empty", "the LLM returned no content")
 
     async def check(self) -> str:
         """List the provider's models; say whether the configured one is among them."""
@@ -83,7 +94,7 @@ class OpenAICompatBackend:
             async with self._get("/models") as response:
                 if response.status >= 400:
                     raise await _status_error(response)
-                listing = await response.json(content_type=None)
+                listing = parse_json(await response.read())
         except LLMError as err:
             if err.reason != "not_found":
                 raise
@@ -132,21 +143,27 @@ class OpenAICompatBackend:
             yield response
 
     @contextlib.asynccontextmanager
-    async def _post(self, path: str, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
-        response = await self._post_with_retries(path, body)
+    async def _post(
+        self, path: str, body: dict[str, Any], deadline: float
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        response = await self._post_with_retries(path, body, deadline)
         try:
             yield response
         finally:
             response.release()
 
-    async def _post_with_retries(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        """POST; retry connection errors and retryable statuses, before any content arrived."""
+    async def _post_with_retries(
+        self, path: str, body: dict[str, Any], deadline: float
+    ) -> aiohttp.ClientResponse:
+        """POST; retry fast failures and retryable statuses while the deadline allows."""
         url = self._settings.base_url + path
+        loop = asyncio.get_running_loop()
         attempt = 0
         while True:
             retry_after: float | None = None
             try:
-                response = await self._client().post(url, json=body, headers=self._headers)
+                async with asyncio.timeout_at(deadline):
+                    response = await self._client().post(url, json=body, headers=self._headers)
             except (aiohttp.ClientError, TimeoutError) as err:
                 error = _connection_error(err)
             else:
@@ -159,23 +176,51 @@ class OpenAICompatBackend:
                     response.release()
                 if response.status not in RETRYABLE_STATUSES:
                     raise error
-            if attempt >= self._settings.max_retries:
+            delay = retry_delay(
+                error.reason,
+                attempt,
+                max_retries=self._settings.max_retries,
+                retry_after=retry_after,
+                remaining_s=deadline - loop.time(),
+                jitter=self._rng.random(),
+            )
+            if delay is None:
                 raise error
-            delay = self._retry_delay(attempt, retry_after)
             _LOGGER.info(
                 "LLM call failed (%s), retry %d in %.1f s", error.reason, attempt + 1, delay
             )
             attempt += 1
             await asyncio.sleep(delay)
 
-    def _retry_delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, MAX_RETRY_AFTER_S)
+
+def retry_delay(
+    reason: str,
+    attempt: int,
+    *,
+    max_retries: int,
+    retry_after: float | None,
+    remaining_s: float,
+    jitter: float,
+) -> float | None:
+    """Seconds to wait before retry `attempt` + 1, or None when the failure is final.
+
+    `jitter` in [0, 1] shortens the backoff by up to a quarter; `remaining_s` is what is left
+    of the budget for the first words: a wait that ends past it cannot help.
+    """
+    # A timeout is not retried: it spent the whole budget (a retry would only hang again).
+    if reason == "timeout" or attempt >= max_retries:
+        return None
+    if retry_after is not None:
+        delay = retry_after
+    else:
         ceiling = min(MAX_RETRY_DELAY_S, INITIAL_RETRY_DELAY_S * 2.0**attempt)
-        return ceiling * (0.75 + self._rng.random() / 4)
+        delay = ceiling * (0.75 + jitter / 4)
+    if delay > MAX_RETRY_AFTER_S or delay >= remaining_s:
+        return None
+    return delay
 
 
-async def _deltas(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
+async def _deltas(response: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
     """Content deltas from an SSE body of chat.completion.chunk objects."""
     try:
         async for raw in response.content:
@@ -195,7 +240,7 @@ async def _deltas(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
 
 def _delta_of(data: bytes) -> str:
     try:
-        chunk = json.loads(data)
+        chunk = parse_json(data)
     except ValueError as err:
         raise LLMError("malformed", f"unreadable stream frame from the LLM: {err}") from err
     if not isinstance(chunk, dict):
@@ -219,7 +264,7 @@ async def _status_error(response: aiohttp.ClientResponse) -> LLMError:
     except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
         text = ""
     try:
-        message = _message(json.loads(text))
+        message = _message(parse_json(text))
     except ValueError:
         message = text[:200] or response.reason or ""
     if status in (401, 403):
@@ -253,8 +298,12 @@ def _retry_after(response: aiohttp.ClientResponse) -> float | None:
         return None  # an HTTP date; our own backoff is good enough
 
 
+def _timeout_error() -> LLMError:
+    return LLMError("timeout", "the LLM did not answer in time")
+
+
 def _connection_error(err: BaseException, *, mid_stream: bool = False) -> LLMError:
     if isinstance(err, TimeoutError | aiohttp.ServerTimeoutError):
-        return LLMError("timeout", "the LLM did not answer in time")
+        return _timeout_error()
     where = "while answering" if mid_stream else "before answering"
     return LLMError("connection", f"lost the LLM connection {where}: {err}")
