@@ -95,12 +95,17 @@ async def test_wrong_token_is_a_distinct_fatal_error_without_retries(
             pass
     assert isinstance(info.value, BridgeError)
 
-    client = make_client(ha, token=secret)
+    backoffs: list[float] = []
+
+    async def no_sleep(delay: float) -> None:
+        backoffs.append(delay)
+
+    client = make_client(ha, token=secret, sleep=no_sleep)
     with pytest.raises(HomeAssistantAuthError):
         async with client:
             pass
     assert client.state is ConnectionState.FAILED
-    await asyncio.sleep(0.1)  # a retry loop would have tried again by now (policy: 10 ms)
+    assert backoffs == []  # no retry was even scheduled: the client stopped (and was closed)
     assert ha.auth_attempts == 2
     assert ha.connections == 0
     assert all(secret not in record.getMessage() for record in caplog.records)
