@@ -15,6 +15,7 @@ from typing import Any
 
 from xiaoai_bridge import __version__
 from xiaoai_bridge.clients.mqtt import OFFLINE, ONLINE, MqttConnection
+from xiaoai_bridge.jsonwire import parse_json
 from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
 from xiaoai_bridge.pipeline.pipeline import Pipeline
 
@@ -85,8 +86,8 @@ class _Registry:
         if not payload:
             return cls()
         try:
-            data = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            data = parse_json(payload)
+        except ValueError as err:
             _LOGGER.warning("ignoring an unreadable discovery registry: %s", err)
             return cls()
         if not isinstance(data, dict):
@@ -135,6 +136,8 @@ class HomeAssistantDiscovery:
         self._clock = clock
         # Object id -> device id, of every speaker with entities.
         self._speakers: dict[str, str] = {}
+        # Questions from speakers past MAX_SPEAKERS: answered, but shown nowhere in HA.
+        self._unannounced = 0
         self._ha_status_topic = f"{prefix}/{HA_STATUS_SUFFIX}"
         self._registry_topic = f"{base_topic}/{REGISTRY_SUFFIX}"
         self._answering_state = f"{base_topic}/answering"
@@ -162,12 +165,18 @@ class HomeAssistantDiscovery:
         """Object id -> device id of every speaker announced so far."""
         return dict(self._speakers)
 
+    @property
+    def unannounced(self) -> int:
+        """Questions from speakers that got no entities because MAX_SPEAKERS was reached."""
+        return self._unannounced
+
     # -- the observer side -------------------------------------------------------------------
 
     async def begin(self, utterance: Utterance) -> None:
         """A question was accepted: it becomes the speaker's last question."""
         object_id = self._see(utterance.device)
         if object_id is None:
+            self._refused(utterance.device)
             return
         text = utterance.text.strip()
         self._state(
@@ -268,15 +277,23 @@ class HomeAssistantDiscovery:
         if object_id in self._speakers:
             return object_id
         if len(self._speakers) >= MAX_SPEAKERS:
-            _LOGGER.warning(
-                "%d speakers announced already; not announcing %s", MAX_SPEAKERS, device
-            )
             return None
         self._speakers[object_id] = device
         self._publish_speaker_configs(object_id, device)
         if register:
             self._publish_registry()
         return object_id
+
+    def _refused(self, device: str) -> None:
+        # Once per run: a flood of made-up device ids must not flood the log either.
+        if self._unannounced == 0:
+            _LOGGER.warning(
+                "%d speakers have Home Assistant entities already: questions from further "
+                "speakers are answered but get no entities (counted, not logged again)",
+                MAX_SPEAKERS,
+            )
+        self._unannounced += 1
+        _LOGGER.debug("no entities for %s: past %d speakers", device, MAX_SPEAKERS)
 
     def _now(self) -> str:
         return datetime.fromtimestamp(self._clock(), UTC).isoformat(timespec="seconds")

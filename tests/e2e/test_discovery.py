@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import aiomqtt
+import pytest
 
 from tests.conftest import WAIT_S, Probe, make_settings
 from tests.fakes.mosquitto import Mosquitto
@@ -22,11 +24,12 @@ from xiaoai_bridge import __version__
 from xiaoai_bridge.app import Service, open_service, serve
 from xiaoai_bridge.config import DEFAULT_SYSTEM_PROMPT, Settings
 from xiaoai_bridge.discovery import (
+    MAX_SPEAKERS,
     MAX_STATE_CHARS,
     object_id_for,
     truncate,
 )
-from xiaoai_bridge.models import Answer, Outcome
+from xiaoai_bridge.models import Answer, Outcome, Utterance
 
 NODE = "bridge-under-test"  # make_settings' client id
 IDENTIFIER = f"xiaoai_bridge_{NODE}"
@@ -431,3 +434,48 @@ async def test_answering_switched_on_the_status_page_shows_in_home_assistant(
             assert response.status == 200
         await ha.value(switch["state_topic"], b"OFF")
         assert service.pipeline.enabled is False
+
+
+async def test_speakers_past_the_limit_are_warned_about_once_and_counted(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    llm: FakeOpenAI,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running(make_settings(tmp_path, mosquitto, llm)) as service:
+        discovery = service.discovery
+        assert discovery is not None
+        for n in range(MAX_SPEAKERS):
+            await discovery.begin(Utterance(text="你好", device=f"speaker-{n}"))
+        caplog.clear()
+        caplog.set_level(logging.DEBUG)
+        for n in range(20):  # ten questions from each of two speakers past the limit
+            utterance = Utterance(text="你好", device=f"extra-{n % 2}")
+            await discovery.begin(utterance)
+            await discovery.end(Answer(utterance, Outcome.ANSWERED, text="答"))
+        assert len(discovery.speakers) == MAX_SPEAKERS
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        assert str(MAX_SPEAKERS) in warnings[0].getMessage()
+        assert discovery.unannounced == 20
+
+
+async def test_a_registry_nested_too_deep_is_ignored_not_fatal(
+    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI, probe: Probe
+) -> None:
+    settings = make_settings(tmp_path, mosquitto, llm)
+    async with home_assistant(mosquitto) as ha, running(settings) as service:
+        # Anyone on the broker can publish there; the bridge must read it and carry on.
+        deep = b"[" * 100_000 + b"]" * 100_000
+        await ha.client.publish("xiaoai-bridge/discovery", deep, qos=1, retain=True)
+        # Our own registry replaces it (one that lists the bridge's topics), and answers go on.
+        registry = await ha.value("xiaoai-bridge/discovery")
+        async with asyncio.timeout(WAIT_S):
+            while registry == deep:
+                await asyncio.sleep(0.05)
+                registry = ha.latest["xiaoai-bridge/discovery"]
+        assert "topics" in json.loads(registry)
+        await probe.ask({"text": "你好", "device": "kitchen", "id": 1})
+        assert (await probe.reply_json())["id"] == 1
+        assert all(not task.done() for task in asyncio.all_tasks() if task.get_name() == "serve")
+        assert service.discovery is not None
