@@ -31,6 +31,7 @@ from xiaoai_bridge.discovery import DiscoveryCleaner, HomeAssistantDiscovery
 from xiaoai_bridge.errors import ConfigError, DataDirError
 from xiaoai_bridge.http import HttpServer, open_http
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
+from xiaoai_bridge.log import register_secrets_of
 from xiaoai_bridge.models import Answer
 from xiaoai_bridge.pipeline.dispatcher import Dispatcher
 from xiaoai_bridge.pipeline.inbox import Inbox
@@ -385,6 +386,7 @@ async def _add_xiaomi(service: Service, stack: contextlib.AsyncExitStack) -> Non
 @contextlib.asynccontextmanager
 async def open_service(settings: Settings) -> AsyncIterator[Service]:
     """Build every configured mode around one pipeline; nothing runs until `run`."""
+    register_secrets_of(settings)  # before anything connects, so nothing logs them unmasked
     prepare_data_dir(settings.data_dir)
     async with contextlib.AsyncExitStack() as stack:
         pipeline = await stack.enter_async_context(open_pipeline(settings))

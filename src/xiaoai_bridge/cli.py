@@ -34,7 +34,7 @@ from xiaoai_bridge.config import (
 )
 from xiaoai_bridge.errors import BridgeError, ConfigError, DataDirError, LLMError
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
-from xiaoai_bridge.log import setup_logging
+from xiaoai_bridge.log import register_secrets_of, setup_logging
 from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
 
 # Exit codes, documented in the README.
@@ -46,16 +46,6 @@ EXIT_RUNTIME = 4  # the service stopped on an error
 EXIT_DATA = 5  # the data dir or the memory database in it cannot be used
 
 CHECK_TIMEOUT_S = 15.0
-
-
-def _secrets(settings: Settings) -> list[str]:
-    values = []
-    if settings.llm.api_key:
-        values.append(settings.llm.api_key.get_secret_value())
-    endpoint = settings.mqtt.endpoint()
-    if endpoint.password:
-        values.append(endpoint.password.get_secret_value())
-    return values
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -139,14 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     level = "DEBUG" if args.debug else settings.log_level
+    register_secrets_of(settings)
     try:
         if args.command == "run":
-            setup_logging(level, _secrets(settings))
+            setup_logging(level)
             return asyncio.run(_run(settings))
         if args.command == "ask":
-            setup_logging("DEBUG" if args.debug else "WARNING", _secrets(settings))
+            setup_logging("DEBUG" if args.debug else "WARNING")
             return asyncio.run(_ask(settings, args.question, args.device))
-        setup_logging("DEBUG" if args.debug else "ERROR", _secrets(settings))
+        setup_logging("DEBUG" if args.debug else "ERROR")
         if args.command == "ha-speakers":
             return asyncio.run(_ha_speakers(settings))
         if args.command == "login":

@@ -34,6 +34,7 @@ from xiaoai_bridge.clients.xiaomi.errors import (
     XiaomiServerError,
     network_errors,
 )
+from xiaoai_bridge.log import register_secret
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -228,7 +229,12 @@ class XiaomiAuth:
         user_agent: str = DEFAULT_LOGIN_USER_AGENT,
         relogin_cooldown_s: float = DEFAULT_RELOGIN_COOLDOWN_S,
         clock: Callable[[], float] = time.monotonic,
+        on_secret: Callable[[str], None] = register_secret,
     ) -> None:
+        # Every password, token and id this login learns is handed to `on_secret` at once, so
+        # the log can mask it (whatever logs it: this module, aiohttp, a caller's traceback).
+        self._on_secret = on_secret
+        self._learned(password, password_hash(password) if password else None, pass_token, user_id)
         self._session = session
         self._account = account
         self._password = password or None
@@ -309,6 +315,7 @@ class XiaomiAuth:
         """Log in with a passToken pasted from a browser (the answer to 2FA and captchas)."""
         async with self._lock:
             state = self._state()
+            self._learned(user_id, pass_token)
             state.user_id, state.pass_token = user_id, pass_token
             state.services.clear()
             for sid in sids:
@@ -341,7 +348,16 @@ class XiaomiAuth:
             if self._seed is not None and not self._saved.pass_token:
                 self._saved.user_id, self._saved.pass_token = self._seed
                 self._saved.services.clear()
+            saved = self._saved
+            self._learned(
+                saved.user_id, saved.pass_token, *(v for p in saved.services.values() for v in p)
+            )
         return self._saved
+
+    def _learned(self, *values: str | None) -> None:
+        for value in values:
+            if value:
+                self._on_secret(value)
 
     def _cached(self, sid: str) -> ServiceCredentials | None:
         state = self._state()
@@ -441,7 +457,9 @@ class XiaomiAuth:
         location = _text(body.get("location"))
         sign = quote(client_sign(_text(body.get("nonce")), ssecurity), safe="")
         separator = "&" if "?" in location else "?"
+        self._learned(ssecurity, _text(body.get("passToken")), _text(body.get("userId")))
         token = await self._fetch_service_token(f"{location}{separator}clientSign={sign}")
+        self._learned(token)
         state.user_id = _text(body["userId"])
         state.pass_token = _text(body.get("passToken")) or state.pass_token
         state.services[sid] = (ssecurity, token)
