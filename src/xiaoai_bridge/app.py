@@ -55,6 +55,8 @@ MEMORY_FILE = "memory.sqlite3"
 INBOX_FILE = "inbox.sqlite3"
 # On SIGTERM, answers already started get this long to finish and be delivered.
 SHUTDOWN_GRACE_S = 10.0
+# How often the shutdown flush checks that the broker session is still up.
+FLUSH_CHECK_S = 0.1
 
 
 def build_trigger(settings: TriggerSettings) -> Trigger:
@@ -430,7 +432,7 @@ async def serve(service: Service, stop: asyncio.Event) -> None:
             async with asyncio.timeout(SHUTDOWN_GRACE_S):
                 await service.dispatcher.drain()
                 if service.mqtt is not None:
-                    await service.mqtt.flush()
+                    await _flush_while_connected(service.mqtt)
         except TimeoutError:
             _LOGGER.warning(
                 "shutdown: %d answers unfinished, %d MQTT messages unsent",
@@ -441,6 +443,22 @@ async def serve(service: Service, stop: asyncio.Event) -> None:
         if service.mqtt is not None:
             await service.mqtt.close()
             connection_task.cancel()
+
+
+async def _flush_while_connected(mqtt: MqttConnection) -> None:
+    """Wait for the broker to take every publication, but only while a session is up.
+
+    With no session (a broker down, or refusing our login until a retry minutes away)
+    nothing can be delivered: waiting out the grace would only delay the stop.
+    """
+    while mqtt.pending and mqtt.connected:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FLUSH_CHECK_S):
+                await mqtt.flush()
+    if mqtt.pending:
+        _LOGGER.warning(
+            "shutdown: %d MQTT messages unsent, the broker is not connected", mqtt.pending
+        )
 
 
 async def run_service(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
