@@ -203,7 +203,12 @@ async def _check(settings: Settings) -> int:
         problems += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {what}: {detail}")
 
-    report(True, "config", f"valid; data in {settings.data_dir}")
+    try:
+        prepare_data_dir(settings.data_dir)
+    except DataDirError as err:
+        report(False, "config", str(err))
+    else:
+        report(True, "config", f"valid; data in {settings.data_dir}")
     if settings.mqtt_enabled:
         ok, detail = await _check_broker(settings)
         report(ok, "mqtt", detail)

@@ -118,3 +118,13 @@ async def test_unwritable_data_dir(shared_dir: Path, exists: bool) -> None:
     err = raw.decode()
     assert proc.returncode == EXIT_DATA, err
     assert_one_error_line(err, str(data_dir), "writable")
+
+
+async def test_check_reports_an_unusable_data_dir(tmp_path: Path) -> None:
+    data_dir = tmp_path / "plain"
+    data_dir.write_text("not a directory\n")
+    code, out, _ = await run_cli("check", env=run_env(tmp_path, data_dir), cwd=tmp_path)
+    assert code == 1
+    config_line = out.splitlines()[0]
+    assert config_line.startswith("FAIL config: data_dir ")
+    assert str(data_dir) in config_line
