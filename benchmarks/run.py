@@ -493,6 +493,10 @@ async def main(args: argparse.Namespace) -> int:
             rows += await bench_live_pages(broker, work, args.throughput)
         rows += await bench_xiaomi(work, args.xiaomi, args.poll_interval)
         rows += await bench_first_words(work, args.xiaomi, args.poll_interval)
+        if args.soak:
+            from benchmarks.soak import run_soak  # noqa: PLC0415 - it imports this module
+
+            rows += await run_soak(work, args.soak)
     if args.markdown:
         print(f"Machine: {machine()}\n")
         print("| measure | result | target | met |\n|---|---|---|---|")
@@ -526,6 +530,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="Xiaomi conversation-log poll interval (the default's)",
+    )
+    parser.add_argument(
+        "--soak", type=int, default=20_000, help="questions for the kill -9 soak (0: skip it)"
     )
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     return parser.parse_args(argv)

@@ -181,9 +181,8 @@ class Service:
 
 
 async def _pump(source: Source, dispatcher: Dispatcher) -> None:
-    # The source resumes only after `admit`: it may then acknowledge what it received.
     async for utterance in source.utterances():
-        await dispatcher.admit(utterance)
+        dispatcher.admit(utterance)
 
 
 @contextlib.asynccontextmanager
@@ -227,13 +226,13 @@ async def _add_mqtt(service: Service, stack: contextlib.AsyncExitStack) -> None:
     connection = mqtt_connection(settings)
     service.mqtt = connection
     service.connections["mqtt"] = connection.policy
-    source = MqttSource(
+    # Not a pumped source: the connection hands it each question before acknowledging it.
+    MqttSource(
         connection,
         question_topic=settings.mqtt.question_topic,
         max_payload_bytes=settings.mqtt.max_payload_bytes,
+        accept=service.dispatcher.admit,
     )
-    service.sources.append(source)
-    service.dispatcher.count_waiting(lambda: source.waiting)
     service.dispatcher.add_sink(
         MqttSink(
             connection,

@@ -157,6 +157,11 @@ class _LiveCollector(Collector):
             value=stats.dropped_stale,
         )
         yield CounterMetricFamily(
+            f"{PREFIX}_questions_dropped_overflow",
+            "Questions dropped unanswered because even the queue of 'busy' replies was full.",
+            value=stats.dropped_overflow,
+        )
+        yield CounterMetricFamily(
             f"{PREFIX}_questions_resumed",
             "Questions left unanswered by an earlier run and answered after a restart.",
             value=stats.resumed,

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import aiomqtt
+import pytest
 
 from tests.fakes.mosquitto import Mosquitto
 from xiaoai_bridge.clients.mqtt import MqttConnection, Received
@@ -26,6 +27,25 @@ async def running(connection: MqttConnection) -> AsyncIterator[MqttConnection]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+class Collected:
+    """A handler that keeps what it is given and lets a test wait for it."""
+
+    def __init__(self) -> None:
+        self.messages: list[Received] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, message: Received) -> None:
+        self.messages.append(message)
+        self._changed.set()
+
+    async def wait(self, count: int) -> list[Received]:
+        async with asyncio.timeout(WAIT_S):
+            while len(self.messages) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.messages
 
 
 def connection_to(broker: Mosquitto, client_id: str = "conn-test") -> MqttConnection:
@@ -50,53 +70,49 @@ async def take(connection: MqttConnection, topic: str, count: int) -> list[Recei
     return got
 
 
-async def test_a_message_not_acknowledged_comes_back_in_the_next_session(
-    mosquitto: Mosquitto,
-) -> None:
+async def test_handled_and_queued_subscriptions_side_by_side(mosquitto: Mosquitto) -> None:
+    handled = Collected()
     connection = connection_to(mosquitto)
-    connection.subscribe("q", manual_ack=True)
-    async with running(connection):
-        await publish(mosquitto, "q", b"acked", b"not acked")
-        acked, unacked = await take(connection, "q", 2)
-        acked.ack()
-        assert unacked.payload == b"not acked"  # taken but never acknowledged: a crash
-    again = connection_to(mosquitto)
-    again.subscribe("q", manual_ack=True)
-    async with running(again):
-        (redelivered,) = await take(again, "q", 1)
-        redelivered.ack()
-    assert redelivered.payload == b"not acked"
-
-
-async def test_auto_acknowledged_subscriptions_keep_flowing_beside_manual_ones(
-    mosquitto: Mosquitto,
-) -> None:
-    # With manual acks on, paho acknowledges nothing by itself: unacknowledged messages of
-    # the other subscriptions would fill the broker's in-flight window (20) and stop all traffic.
-    connection = connection_to(mosquitto)
-    connection.subscribe("q", manual_ack=True)
+    connection.subscribe("q", handler=handled)
     connection.subscribe("other")
     async with running(connection):
         await publish(mosquitto, "other", *(b"%d" % n for n in range(50)))
         assert len(await take(connection, "other", 50)) == 50
         await publish(mosquitto, "q", b"question")
-        (message,) = await take(connection, "q", 1)
-        message.ack()
-    assert message.payload == b"question"
+        await handled.wait(1)
+    assert [m.payload for m in handled.messages] == [b"question"]
+
+
+async def test_a_failing_handler_is_logged_and_the_connection_goes_on(
+    mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    handled = Collected()
+
+    def handler(message: Received) -> None:
+        if message.payload == b"bad":
+            raise ValueError("boom")
+        handled(message)
+
+    connection = connection_to(mosquitto)
+    connection.subscribe("q", handler=handler)
+    async with running(connection):
+        await publish(mosquitto, "q", b"bad", b"good")
+        await handled.wait(1)
+        assert connection.connected
+    assert [m.payload for m in handled.messages] == [b"good"]
+    assert "handler for q failed" in caplog.text
 
 
 async def test_retained_replays_are_marked(mosquitto: Mosquitto) -> None:
     await publish(mosquitto, "q", b"old", retain=True)
+    handled = Collected()
     connection = connection_to(mosquitto)
-    connection.subscribe("q", manual_ack=True)
+    connection.subscribe("q", handler=handled)
     async with running(connection):
-        (replayed,) = await take(connection, "q", 1)
-        replayed.ack()
+        await handled.wait(1)
         await publish(mosquitto, "q", b"live")
-        (live,) = await take(connection, "q", 1)
-        live.ack()
-    assert (replayed.payload, replayed.retained) == (b"old", True)
-    assert (live.payload, live.retained) == (b"live", False)
+        await handled.wait(2)
+    assert [(m.payload, m.retained) for m in handled.messages] == [(b"old", True), (b"live", False)]
 
 
 async def test_publish_resolves_once_the_broker_has_the_message(mosquitto: Mosquitto) -> None:
@@ -129,24 +145,6 @@ async def test_a_publication_made_while_the_broker_is_down_is_delivered_after_it
         await mosquitto.start()
         async with asyncio.timeout(WAIT_S):
             await delivered
-
-
-async def test_unacknowledged_messages_hold_the_rest_at_the_broker(mosquitto: Mosquitto) -> None:
-    # mosquitto sends at most 20 unacknowledged QoS 1 messages (max_inflight_messages): a
-    # consumer that is behind slows the broker down instead of filling this process.
-    connection = connection_to(mosquitto)
-    connection.subscribe("q", manual_ack=True)
-    async with running(connection):
-        await publish(mosquitto, "q", *(b"%d" % n for n in range(25)))
-        first = await take(connection, "q", 20)
-        await asyncio.sleep(0.2)
-        assert connection.queued("q") == 0  # the other five wait at the broker
-        for message in first:
-            message.ack()
-        rest = await take(connection, "q", 5)
-        for message in rest:
-            message.ack()
-    assert [m.payload for m in first + rest] == [b"%d" % n for n in range(25)]
 
 
 async def test_cancelling_the_connection_always_ends_it(mosquitto: Mosquitto) -> None:

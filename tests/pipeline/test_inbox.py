@@ -34,13 +34,13 @@ async def test_entries_survive_a_reopen_until_done(tmp_path: Path) -> None:
     path = tmp_path / "inbox.sqlite3"
     box = Inbox(path, clock=lambda: 123.0)
     await box.open()
-    first = await box.add(Utterance("问题一", device="d1", id=1))
-    await box.add(Utterance("问题二", device="d2", id=2))
+    first = box.add(Utterance("问题一", device="d1", id=1))
+    box.add(Utterance("问题二", device="d2", id=2))
     await box.close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # questions are private
 
     await box.open()
-    pending = await box.pending()
+    pending = box.pending()
     assert [(e.utterance.text, e.accepted) for e in pending] == [
         ("问题一", 123.0),
         ("问题二", 123.0),
@@ -48,7 +48,7 @@ async def test_entries_survive_a_reopen_until_done(tmp_path: Path) -> None:
     box.done(first.id)
     await box.close()
     await box.open()
-    assert [e.utterance.id for e in await box.pending()] == [2]
+    assert [e.utterance.id for e in box.pending()] == [2]
     await box.close()
 
 
@@ -56,13 +56,13 @@ async def test_an_unreadable_row_is_dropped(tmp_path: Path) -> None:
     path = tmp_path / "inbox.sqlite3"
     box = Inbox(path)
     await box.open()
-    await box.add(Utterance("好的", id="ok"))
+    box.add(Utterance("好的", id="ok"))
     await box.close()
     with sqlite3.connect(path) as db:
         db.execute("INSERT INTO inbox (accepted, utterance) VALUES (1, '{not json')")
     await box.open()
-    assert [e.utterance.id for e in await box.pending()] == ["ok"]
+    assert [e.utterance.id for e in box.pending()] == ["ok"]
     await box.close()
     await box.open()
-    assert await box.count() == 1  # the bad row is gone, the good one stays
+    assert box.count() == 1  # the bad row is gone, the good one stays
     await box.close()

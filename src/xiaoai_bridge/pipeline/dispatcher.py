@@ -22,8 +22,9 @@ _LOGGER = logging.getLogger(__name__)
 
 AnswerListener = Callable[[Answer], None]
 
-# "Busy" apologies waiting to be sent; past it `admit` waits, and the broker holds the rest.
-MAX_QUEUED_REFUSALS = 1_000
+# "Busy" apologies waiting to be sent. Past it a question is dropped unanswered: logged and
+# counted, the last resort of a flood far beyond [inbox] max_pending.
+MAX_QUEUED_REFUSALS = 10_000
 # A flood of refusals logs a line at most this often.
 REFUSAL_LOG_INTERVAL_S = 10.0
 
@@ -34,6 +35,7 @@ class DispatchStats:
 
     refused_busy: int = 0
     dropped_stale: int = 0
+    dropped_overflow: int = 0
     resumed: int = 0
 
 
@@ -48,8 +50,9 @@ class Dispatcher:
 
     `admit` is the durable door: it returns once a question is on disk in the inbox (or was
     refused as busy), so the source may acknowledge it; the inbox row is deleted only after
-    the answer is delivered. `submit` is the in-memory door for questions that need no
-    acknowledgement (the status page's ask box, tests).
+    the answer is delivered. It never blocks, so a source may call it while reading its
+    socket. `submit` is the in-memory door for questions that need no acknowledgement (the
+    status page's ask box, tests).
     """
 
     def __init__(
@@ -73,12 +76,9 @@ class Dispatcher:
         self._workers: set[asyncio.Task[None]] = set()
         self._listeners: list[AnswerListener] = []
         self._observers: list[Sink] = []
-        self._waiting: list[Callable[[], int]] = []
         self._refusals: deque[Utterance] = deque()
-        self._refusals_room = asyncio.Event()
-        self._refusals_room.set()
         self._refuser: asyncio.Task[None] | None = None
-        self._last_refusal_log = -REFUSAL_LOG_INTERVAL_S
+        self._last_logged: dict[str, float] = {}
         self.stats = DispatchStats()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -95,16 +95,12 @@ class Dispatcher:
         """Answer the utterances of source `sink.name` through `sink`."""
         self._sinks[sink.name] = sink
 
-    def count_waiting(self, waiting: Callable[[], int]) -> None:
-        """Also count, in `in_flight`, questions a source has received but not yet admitted."""
-        self._waiting.append(waiting)
-
     @property
     def in_flight(self) -> int:
         """Questions received and not yet finished: queued, being answered, or refused."""
-        return self._pending + len(self._refusals) + sum(waiting() for waiting in self._waiting)
+        return self._pending + len(self._refusals)
 
-    async def admit(self, utterance: Utterance) -> None:
+    def admit(self, utterance: Utterance) -> None:
         """Accept durably or refuse as busy; returns when the source may acknowledge it."""
         if self._sinks.get(utterance.source) is None:
             _LOGGER.error("no sink for source %r; utterance dropped", utterance.source)
@@ -114,12 +110,12 @@ class Dispatcher:
             and self._pending >= self._max_pending
             and not utterance.rejected
         ):
-            await self._refuse(utterance)
+            self._refuse(utterance)
             return
         entry_id = None
         if self._inbox is not None:
             try:
-                entry_id = (await self._inbox.add(utterance)).id
+                entry_id = self._inbox.add(utterance).id
             except sqlite3.Error as err:
                 # A full or broken disk must not cost the answer: keep it in memory only.
                 _LOGGER.warning("could not record a question in the inbox: %s", err)
@@ -137,7 +133,7 @@ class Dispatcher:
         if self._inbox is None:
             return
         now = self._clock()
-        for entry in await self._inbox.pending():
+        for entry in self._inbox.pending():
             if self._sinks.get(entry.utterance.source) is None or (
                 entry.age(now) > self._resume_freshness_s
             ):
@@ -191,11 +187,20 @@ class Dispatcher:
         if self._inbox is not None:
             self._inbox.done(entry.id)
 
-    async def _refuse(self, utterance: Utterance) -> None:
+    def _refuse(self, utterance: Utterance) -> None:
+        if len(self._refusals) >= MAX_QUEUED_REFUSALS:
+            self.stats.dropped_overflow += 1
+            if self._time_to_log("overflow"):
+                _LOGGER.error(
+                    "overwhelmed: %d questions waiting and %d 'busy' replies queued; "
+                    "dropping new questions unanswered (%d so far)",
+                    self._pending,
+                    len(self._refusals),
+                    self.stats.dropped_overflow,
+                )
+            return
         self.stats.refused_busy += 1
-        now = self._clock()
-        if now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL_S:
-            self._last_refusal_log = now
+        if self._time_to_log("busy"):
             _LOGGER.warning(
                 "busy: %d questions already waiting (limit %d); answering new ones with a "
                 "'busy' apology (%d so far)",
@@ -203,20 +208,23 @@ class Dispatcher:
                 self._max_pending,
                 self.stats.refused_busy,
             )
-        await self._refusals_room.wait()
         self._refusals.append(dataclasses.replace(utterance, rejected="busy"))
-        if len(self._refusals) >= MAX_QUEUED_REFUSALS:
-            self._refusals_room.clear()
         if self._refuser is None:
             self._refuser = asyncio.create_task(self._send_refusals(), name="pipeline:refusals")
+
+    def _time_to_log(self, what: str) -> bool:
+        # A flood must not flood the log: one line per kind per interval.
+        now = self._clock()
+        if now - self._last_logged.get(what, -math.inf) < REFUSAL_LOG_INTERVAL_S:
+            return False
+        self._last_logged[what] = now
+        return True
 
     async def _send_refusals(self) -> None:
         try:
             while self._refusals:
                 await self._answer(self._refusals[0])
                 self._refusals.popleft()
-                if len(self._refusals) < MAX_QUEUED_REFUSALS:
-                    self._refusals_room.set()
         finally:
             self._refuser = None
 

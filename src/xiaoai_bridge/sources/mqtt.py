@@ -6,7 +6,7 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 
 from xiaoai_bridge.clients.mqtt import MqttConnection, Received
 from xiaoai_bridge.jsonwire import parse_json
@@ -21,16 +21,26 @@ MAX_ID_CHARS = 128
 
 
 class MqttSource:
-    """Turns messages on the question topic into utterances."""
+    """Turns messages on the question topic into utterances, accepted as they arrive.
+
+    Unlike the other sources it is not polled by a pump: the connection calls it for each
+    message before acknowledging it, and it hands the utterance to `accept` at once.
+    """
 
     def __init__(
-        self, connection: MqttConnection, *, question_topic: str, max_payload_bytes: int
+        self,
+        connection: MqttConnection,
+        *,
+        question_topic: str,
+        max_payload_bytes: int,
+        accept: Callable[[Utterance], None],
     ) -> None:
         self._connection = connection
         self._topic = question_topic
-        # Acknowledged only once the pipeline has the question on disk: a kill before that
-        # makes the broker deliver it again to the next run.
-        connection.subscribe(question_topic, manual_ack=True)
+        self._accept = accept
+        # Handled as each message is read: `accept` records it on disk before the broker is
+        # acknowledged, so a kill at any moment loses nothing (the broker redelivers).
+        connection.subscribe(question_topic, handler=self._on_message)
         self._max_bytes = max_payload_bytes
         # Ids for plain-text questions: unique across restarts thanks to the time prefix.
         self._ids = (f"q{int(time.time())}-{n}" for n in itertools.count(1))
@@ -40,33 +50,20 @@ class MqttSource:
         """Registry key shared with MqttSink."""
         return SOURCE_NAME
 
-    @property
-    def waiting(self) -> int:
-        """Questions received from the broker and not yet handed on."""
-        return self._connection.queued(self._topic)
-
-    async def utterances(self) -> AsyncIterator[Utterance]:
-        """Every readable (or apology-worthy) question on the question topic.
-
-        The consumer resumes this iterator only once it has accepted the utterance, so the
-        message is acknowledged to the broker then, not on receipt.
-        """
-        async for message in self._connection.messages(self._topic):
-            if message.retained:
-                # The broker replays a retained message at every subscribe, i.e. every
-                # restart and reconnect: it was answered when it was first published.
-                _LOGGER.warning(
-                    "ignored a retained question on %s; publish questions without the retain "
-                    "flag (clear it with: mosquitto_pub -r -n -t '%s')",
-                    message.topic,
-                    message.topic,
-                )
-                message.ack()
-                continue
-            utterance = self.parse(message)
-            if utterance is not None:
-                yield utterance
-            message.ack()
+    def _on_message(self, message: Received) -> None:
+        if message.retained:
+            # The broker replays a retained message at every subscribe, i.e. every restart
+            # and reconnect: it was answered when it was first published.
+            _LOGGER.warning(
+                "ignored a retained question on %s; publish questions without the retain flag "
+                "(clear it with: mosquitto_pub -r -n -t '%s')",
+                message.topic,
+                message.topic,
+            )
+            return
+        utterance = self.parse(message)
+        if utterance is not None:
+            self._accept(utterance)
 
     def parse(self, message: Received) -> Utterance | None:
         """One message to one utterance; None for messages with nothing to answer."""
