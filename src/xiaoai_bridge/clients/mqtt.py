@@ -217,7 +217,9 @@ class MqttConnection:
             await client.publish(self._status_topic, ONLINE, qos=1, retain=True)
             # aiomqtt's publish (asyncio.wait_for in 3.11) can swallow a cancel that arrives as
             # its PUBACK does: check before serving, or a SIGTERM now would be lost.
-            _raise_if_cancelling()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             self._connected.set()
             self.policy.connected()
             try:
