@@ -208,3 +208,29 @@ async def test_a_question_from_a_source_without_a_sink_is_logged_not_queued(
     dispatcher.admit(question("q1", source="nowhere"))
     assert dispatcher.in_flight == 0
     assert "no sink for source 'nowhere'" in caplog.text
+
+
+async def test_a_busy_reply_not_yet_sent_is_recorded_and_sent_by_the_next_run(
+    inbox: Inbox,
+) -> None:
+    backend = GatedBackend()
+    dispatcher = Dispatcher(
+        make_pipeline(backend), {"test": Recorder()}, inbox=inbox, max_pending=1
+    )
+    dispatcher.admit(question("q", device="d"))
+    dispatcher.admit(question("r", device="e"))  # refused, queued, not yet sent
+    assert [(e.utterance.id, e.utterance.rejected) for e in inbox.pending()] == [
+        ("q", ""),
+        ("r", "busy"),
+    ]
+    await dispatcher.aclose()  # killed before anything was sent
+
+    sink = Recorder()
+    again = GatedBackend()
+    again.gate("q").set()
+    resumed = Dispatcher(make_pipeline(again), {"test": sink}, inbox=inbox)
+    await resumed.resume()
+    await resumed.drain()
+    texts = {a.utterance.id: a.text for a in sink.answers}
+    assert texts["r"] == APOLOGIES["busy"]
+    assert texts["q"] == "答q。"

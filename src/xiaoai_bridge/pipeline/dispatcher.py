@@ -76,7 +76,7 @@ class Dispatcher:
         self._workers: set[asyncio.Task[None]] = set()
         self._listeners: list[AnswerListener] = []
         self._observers: list[Sink] = []
-        self._refusals: deque[Utterance] = deque()
+        self._refusals: deque[_Job] = deque()
         self._refuser: asyncio.Task[None] | None = None
         self._last_logged: dict[str, float] = {}
         self.stats = DispatchStats()
@@ -112,14 +112,17 @@ class Dispatcher:
         ):
             self._refuse(utterance)
             return
-        entry_id = None
-        if self._inbox is not None:
-            try:
-                entry_id = self._inbox.add(utterance).id
-            except sqlite3.Error as err:
-                # A full or broken disk must not cost the answer: keep it in memory only.
-                _LOGGER.warning("could not record a question in the inbox: %s", err)
-        self._enqueue(_Job(utterance, entry_id))
+        self._enqueue(_Job(utterance, self._record(utterance)))
+
+    def _record(self, utterance: Utterance) -> int | None:
+        if self._inbox is None:
+            return None
+        try:
+            return self._inbox.add(utterance).id
+        except sqlite3.Error as err:
+            # A full or broken disk must not cost the answer: keep it in memory only.
+            _LOGGER.warning("could not record a question in the inbox: %s", err)
+            return None
 
     def submit(self, utterance: Utterance) -> None:
         """Queue an utterance in memory only; never blocks, never drops."""
@@ -208,7 +211,9 @@ class Dispatcher:
                 self._max_pending,
                 self.stats.refused_busy,
             )
-        self._refusals.append(dataclasses.replace(utterance, rejected="busy"))
+        # Recorded too: a kill before the apology is sent makes the next run send it.
+        refused = dataclasses.replace(utterance, rejected="busy")
+        self._refusals.append(_Job(refused, self._record(refused)))
         if self._refuser is None:
             self._refuser = asyncio.create_task(self._send_refusals(), name="pipeline:refusals")
 
@@ -223,10 +228,16 @@ class Dispatcher:
     async def _send_refusals(self) -> None:
         try:
             while self._refusals:
-                await self._answer(self._refusals[0])
+                job = self._refusals[0]
+                await self._answer(job.utterance)
                 self._refusals.popleft()
+                self._done(job)
         finally:
             self._refuser = None
+
+    def _done(self, job: _Job) -> None:
+        if job.entry_id is not None and self._inbox is not None:
+            self._inbox.done(job.entry_id)
 
     async def _work(self, device: str) -> None:
         queue = self._queues[device]
@@ -236,8 +247,7 @@ class Dispatcher:
                 await self._answer(job.utterance)
                 queue.popleft()  # only now: in_flight counts the one being answered
                 self._pending -= 1
-                if job.entry_id is not None and self._inbox is not None:
-                    self._inbox.done(job.entry_id)
+                self._done(job)
         finally:
             self._pending -= len(queue)  # cancelled at shutdown: the inbox keeps them
             del self._queues[device]
