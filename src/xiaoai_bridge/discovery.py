@@ -16,7 +16,8 @@ from typing import Any
 from xiaoai_bridge import __version__
 from xiaoai_bridge.clients.mqtt import OFFLINE, ONLINE, MqttConnection
 from xiaoai_bridge.jsonwire import parse_json
-from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
+from xiaoai_bridge.models import Answer, Outcome, SpeakerId, SpeechChunk, Utterance
+from xiaoai_bridge.pipeline.memory import source_of_legacy_device
 from xiaoai_bridge.pipeline.pipeline import Pipeline
 
 _LOGGER = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class HomeAssistantDiscovery:
         self._uid = self._node if "xiaoai" in self._node else f"xiaoai_bridge_{self._node}"
         self._clock = clock
         # Object id -> device id, of every speaker with entities.
-        self._speakers: dict[str, str] = {}
+        self._speakers: dict[str, SpeakerId] = {}
         # Questions from speakers past MAX_SPEAKERS: answered, but shown nowhere in HA.
         self._unannounced = 0
         self._ha_status_topic = f"{prefix}/{HA_STATUS_SUFFIX}"
@@ -163,7 +164,7 @@ class HomeAssistantDiscovery:
     @property
     def speakers(self) -> dict[str, str]:
         """Object id -> device id of every speaker announced so far."""
-        return dict(self._speakers)
+        return {object_id: speaker.device for object_id, speaker in self._speakers.items()}
 
     @property
     def unannounced(self) -> int:
@@ -174,7 +175,7 @@ class HomeAssistantDiscovery:
 
     async def begin(self, utterance: Utterance) -> None:
         """A question was accepted: it becomes the speaker's last question."""
-        object_id = self._see(utterance.device)
+        object_id = self._see(utterance.speaker)
         if object_id is None:
             self._refused(utterance.device)
             return
@@ -192,7 +193,7 @@ class HomeAssistantDiscovery:
         """An answer (or apology) was given: it becomes the speaker's last answer."""
         if answer.outcome is Outcome.IGNORED:
             return  # not a question: XiaoAi's own business, or answering is switched off
-        object_id = self._see(answer.utterance.device)
+        object_id = self._see(answer.utterance.speaker)
         if object_id is None:
             return
         self._state(
@@ -215,8 +216,8 @@ class HomeAssistantDiscovery:
     def publish_all(self) -> None:
         """(Re-)publish every config message, the switch state and the registry."""
         self._publish_bridge_configs()
-        for object_id, device in self._speakers.items():
-            self._publish_speaker_configs(object_id, device)
+        for object_id, speaker in self._speakers.items():
+            self._publish_speaker_configs(object_id, speaker.device)
         self.publish_answering()
         self._publish_registry()
 
@@ -247,12 +248,12 @@ class HomeAssistantDiscovery:
         prefix, suffix = f"{self._base}/", "/forget"
         async for message in self._connection.messages(self._forget_filter):
             object_id = message.topic.removeprefix(prefix).removesuffix(suffix)
-            device = self._speakers.get(object_id)
-            if device is None:
+            speaker = self._speakers.get(object_id)
+            if speaker is None:
                 _LOGGER.warning("forget button of an unknown speaker %r", object_id)
                 continue
-            dropped = self._pipeline.memory.forget(device)
-            _LOGGER.info("forget button: dropped %d turns of %s's conversation", dropped, device)
+            dropped = await self._pipeline.memory.forget(speaker)
+            _LOGGER.info("forget button: dropped %d turns of %s's conversation", dropped, speaker)
 
     async def _watch_registry(self) -> None:
         # Our own retained registry comes back at every (re)subscription: it brings the
@@ -260,7 +261,9 @@ class HomeAssistantDiscovery:
         async for message in self._connection.messages(self._registry_topic):
             listed = _Registry.parse(message.payload)
             for device in listed.speakers:
-                self._see(device, register=False)
+                # The registry names devices only; the next question says whose it is.
+                legacy = SpeakerId(source_of_legacy_device(device), device)
+                self._see(legacy, register=False, refresh=False)
             expected = set(self._expected_topics())
             stale = [t for t in listed.topics if t not in expected and self._ours(t)]
             for topic in stale:
@@ -272,14 +275,18 @@ class HomeAssistantDiscovery:
 
     # -- publishing --------------------------------------------------------------------------
 
-    def _see(self, device: str, *, register: bool = True) -> str | None:
-        object_id = object_id_for(device)
+    def _see(
+        self, speaker: SpeakerId, *, register: bool = True, refresh: bool = True
+    ) -> str | None:
+        object_id = object_id_for(speaker.device)
         if object_id in self._speakers:
+            if refresh:
+                self._speakers[object_id] = speaker  # its buttons act on whoever spoke last
             return object_id
         if len(self._speakers) >= MAX_SPEAKERS:
             return None
-        self._speakers[object_id] = device
-        self._publish_speaker_configs(object_id, device)
+        self._speakers[object_id] = speaker
+        self._publish_speaker_configs(object_id, speaker.device)
         if register:
             self._publish_registry()
         return object_id
@@ -423,7 +430,8 @@ class HomeAssistantDiscovery:
         return topics
 
     def _current_registry(self) -> _Registry:
-        return _Registry.of(self._speakers.values(), self._expected_topics())
+        devices = [speaker.device for speaker in self._speakers.values()]
+        return _Registry.of(devices, self._expected_topics())
 
     def _publish_registry(self) -> None:
         registry = self._current_registry().encode()

@@ -30,7 +30,8 @@ from xiaoai_bridge.config import ANY_HOST, HttpSettings
 from xiaoai_bridge.errors import ConfigError
 from xiaoai_bridge.jsonwire import parse_json
 from xiaoai_bridge.metrics import BridgeMetrics
-from xiaoai_bridge.models import Answer, SpeechChunk, Utterance
+from xiaoai_bridge.models import Answer, SpeakerId, SpeechChunk, Utterance
+from xiaoai_bridge.pipeline.memory import source_of_legacy_device
 from xiaoai_bridge.reconnect import ConnectionState, ReconnectPolicy
 from xiaoai_bridge.status import ConversationLog, Event
 
@@ -571,12 +572,18 @@ class HttpServer:
         return web.json_response({"enabled": enabled})
 
     async def _forget(self, request: web.Request) -> web.Response:
-        body = await _json_object(request, required=("device",))
+        body = await _json_object(request, required=("device",), optional=("source",))
         device = _device(body)
-        turns = self._service.pipeline.memory.forget(device)
-        _LOGGER.info("forgot %d turns of %s's conversation (HTTP)", turns, device)
-        self.log.publish("forgot", {"device": device, "turns": turns})
-        return web.json_response({"device": device, "forgotten": turns})
+        source = body.get("source")
+        if source is None:  # callers from before speakers were (source, device)
+            source = source_of_legacy_device(device)
+        if not isinstance(source, str) or not DEVICE_RE.fullmatch(source):
+            raise _Rejected(400, '"source" must be an adapter name such as "mqtt"')
+        speaker = SpeakerId(source, device)
+        turns = await self._service.pipeline.memory.forget(speaker)
+        _LOGGER.info("forgot %d turns of %s's conversation (HTTP)", turns, speaker)
+        self.log.publish("forgot", {"source": source, "device": device, "turns": turns})
+        return web.json_response({"source": source, "device": device, "forgotten": turns})
 
 
 @contextlib.asynccontextmanager

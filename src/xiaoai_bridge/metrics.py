@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
+from xiaoai_bridge.models import Answer, Outcome, SpeakerId, SpeechChunk, Utterance
 from xiaoai_bridge.pipeline.dispatcher import DispatchStats
 from xiaoai_bridge.reconnect import ConnectionState, ReconnectPolicy
 
@@ -65,9 +65,9 @@ class BridgeMetrics:
             registry=self.registry,
         )
         self.registry.register(_LiveCollector(connections, in_flight, stats))
-        # Device -> (utterance being answered, wall time of its first spoken sentence).
-        # Calls for one device never overlap, so one entry per device is enough.
-        self._first_spoken: dict[str, tuple[Utterance, float]] = {}
+        # Speaker -> (utterance being answered, wall time of its first spoken sentence).
+        # Calls for one speaker never overlap, so one entry per speaker is enough.
+        self._first_spoken: dict[SpeakerId, tuple[Utterance, float]] = {}
 
     @property
     def name(self) -> str:
@@ -81,9 +81,9 @@ class BridgeMetrics:
         """Note when the first sentence of an answer leaves the pipeline."""
         if not chunk.text:
             return
-        seen = self._first_spoken.get(utterance.device)
+        seen = self._first_spoken.get(utterance.speaker)
         if seen is None or seen[0] is not utterance:
-            self._first_spoken[utterance.device] = (utterance, self._clock())
+            self._first_spoken[utterance.speaker] = (utterance, self._clock())
 
     async def end(self, answer: Answer) -> None:
         """Count the outcome and record the timings of an answered question."""
@@ -93,7 +93,7 @@ class BridgeMetrics:
         """Record one finished answer (also usable as a dispatcher listener)."""
         utterance = answer.utterance
         self.questions.labels(utterance.source, answer.outcome.value, answer.reason).inc()
-        seen = self._first_spoken.pop(utterance.device, None)
+        seen = self._first_spoken.pop(utterance.speaker, None)
         if answer.outcome is not Outcome.ANSWERED:
             return  # apologies and command replies would flatter the LLM figures
         if answer.first_chunk_s is not None:

@@ -10,6 +10,21 @@ DEFAULT_DEVICE = "default"
 QuestionId = str | int
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class SpeakerId:
+    """Who is speaking: the source that heard it and its own name for the device.
+
+    Per-speaker state (memory, order, continuous conversation) is keyed by both, so a
+    device name on one adapter can never reach another adapter's speaker.
+    """
+
+    source: str
+    device: str
+
+    def __str__(self) -> str:
+        return f"{self.source}/{self.device}"
+
+
 class ReplyFormat(enum.Enum):
     """How the source expects the complete answer: the seed's plain text or JSON."""
 
@@ -32,6 +47,11 @@ class Utterance:
     said_at: float | None = None
     # Sources may carry their own routing data (e.g. a media_player entity) for their sink.
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def speaker(self) -> SpeakerId:
+        """The identity of the speaker that heard it."""
+        return SpeakerId(self.source, self.device)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-from xiaoai_bridge.models import Answer, SpeechChunk, Utterance
+from xiaoai_bridge.models import Answer, SpeakerId, SpeechChunk, Utterance
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class ConversationLog:
         # Device -> its conversations, oldest first; devices in least recently active order.
         self._devices: OrderedDict[str, deque[Conversation]] = OrderedDict()
         # Device -> the utterance being answered and its entry (calls per device never overlap).
-        self._open: dict[str, tuple[Utterance, Conversation]] = {}
+        self._open: dict[SpeakerId, tuple[Utterance, Conversation]] = {}
         self._subscribers: list[Subscription] = []
 
     @property
@@ -208,7 +208,7 @@ class ConversationLog:
     async def end(self, answer: Answer) -> None:
         """The answer is complete (or the utterance was ignored or failed)."""
         entry = self._entry(answer.utterance)
-        del self._open[entry.device]
+        del self._open[answer.utterance.speaker]
         entry.answer = answer.text
         entry.outcome = answer.outcome.value
         entry.reason = answer.reason
@@ -264,7 +264,7 @@ class ConversationLog:
 
     def _entry(self, utterance: Utterance) -> Conversation:
         device = utterance.device
-        current = self._open.get(device)
+        current = self._open.get(utterance.speaker)
         if current is not None and current[0] is utterance:
             return current[1]
         if current is not None:
@@ -282,7 +282,7 @@ class ConversationLog:
             started_at=self._clock(),
             said_at=utterance.said_at,
         )
-        self._open[device] = (utterance, entry)
+        self._open[utterance.speaker] = (utterance, entry)
         history = self._devices.get(device)
         if history is None:
             history = self._devices[device] = deque(maxlen=self._per_device)

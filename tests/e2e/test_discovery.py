@@ -8,7 +8,7 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from xiaoai_bridge.discovery import (
     object_id_for,
     truncate,
 )
-from xiaoai_bridge.models import Answer, Outcome, Utterance
+from xiaoai_bridge.models import Answer, Outcome, SpeakerId, Utterance
 
 NODE = "bridge-under-test"  # make_settings' client id
 IDENTIFIER = f"xiaoai_bridge_{NODE}"
@@ -189,10 +189,13 @@ def outcomes(service: Service) -> dict[object, Answer]:
     return seen
 
 
-async def eventually(condition: Callable[[], bool]) -> None:
+async def eventually(condition: Callable[[], bool | Awaitable[bool]]) -> None:
     """Wait for a state change inside the service, which announces nothing over MQTT."""
     async with asyncio.timeout(WAIT_S):
-        while not condition():  # noqa: ASYNC110 - such changes have no event to await
+        while True:
+            met = condition()
+            if met if isinstance(met, bool) else await met:
+                return
             await asyncio.sleep(0.02)
 
 
@@ -321,8 +324,13 @@ async def test_forget_button_clears_that_speakers_memory(
 
         button = await ha.config("button", "kitchen_forget")
         await ha.publish(button["command_topic"], button["payload_press"])
-        await eventually(lambda: not memory.history("kitchen"))
-        assert len(memory.history("bedroom")) == 2  # the other speaker keeps its memory
+        kitchen, bedroom = SpeakerId("mqtt", "kitchen"), SpeakerId("mqtt", "bedroom")
+
+        async def kitchen_forgotten() -> bool:
+            return not await memory.history(kitchen)
+
+        await eventually(kitchen_forgotten)
+        assert len(await memory.history(bedroom)) == 2  # the other speaker keeps its memory
 
         await probe.ask({"text": "我们聊过什么", "device": "kitchen", "id": "after"})
         await probe.reply_json()

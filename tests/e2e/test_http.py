@@ -416,8 +416,12 @@ async def test_answering_switch_and_forget_over_http(
         await probe.reply_json()
         assert len(llm.last_request.messages) == 4  # system, remembered turn, question
 
-        _, forgot = await bridge.call("POST", "/api/forget", json={"device": "den"}, expect=200)
-        assert forgot == {"device": "den", "forgotten": 2}
+        other = {"source": "homeassistant", "device": "den"}  # same name, another adapter
+        _, forgot = await bridge.call("POST", "/api/forget", json=other, expect=200)
+        assert forgot == {**other, "forgotten": 0}
+        mine = {"source": "mqtt", "device": "den"}
+        _, forgot = await bridge.call("POST", "/api/forget", json=mine, expect=200)
+        assert forgot == {**mine, "forgotten": 2}
         await probe.ask({"text": "我叫什么", "device": "den", "id": 4})
         await probe.reply_json()
         assert len(llm.last_request.messages) == 2  # system, question: nothing remembered

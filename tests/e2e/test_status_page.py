@@ -18,6 +18,7 @@ from tests.e2e.test_http import MQTT_PASSWORD, TOKEN, Running, http_settings, ru
 from tests.fakes.mosquitto import Mosquitto
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from xiaoai_bridge.config import HttpSettings, MqttSettings
+from xiaoai_bridge.models import SpeakerId
 from xiaoai_bridge.pipeline.pipeline import APOLOGIES
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -177,7 +178,7 @@ async def test_status_page_shows_live_answers_masks_secrets_and_its_controls_wor
     assert bridge.service.pipeline.enabled is True
     await kitchen.get_by_role("button", name="Forget").click()
     await expect(page.locator("#toast")).to_contain_text("kitchen: forgot 1 turn")
-    assert bridge.service.pipeline.memory.history("kitchen") == []
+    assert await bridge.service.pipeline.memory.history(SpeakerId("mqtt", "kitchen")) == []
 
     await page.locator("#toast").evaluate("node => node.classList.remove('show')")
     await expect(page.locator("#toast")).to_have_css("opacity", "0")
@@ -262,7 +263,7 @@ async def test_a_page_of_another_site_cannot_drive_or_read_the_status_page(
         )
         assert attempts == ["opaque", "opaque", "opaque", "refused"]
         assert bridge.service.pipeline.enabled is True
-        assert len(bridge.service.pipeline.memory.history("den")) == 2
+        assert len(await bridge.service.pipeline.memory.history(SpeakerId("mqtt", "den"))) == 2
         assert len(llm.requests) == 1
 
         # DNS rebinding: the attacker's name now points at this machine, same port.

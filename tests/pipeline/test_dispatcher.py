@@ -234,3 +234,19 @@ async def test_a_busy_reply_not_yet_sent_is_recorded_and_sent_by_the_next_run(
     texts = {a.utterance.id: a.text for a in sink.answers}
     assert texts["r"] == APOLOGIES["busy"]
     assert texts["q"] == "答q。"
+
+
+async def test_one_device_name_on_two_sources_does_not_queue_behind_the_other() -> None:
+    backend = GatedBackend()
+    mqtt, ha = Recorder(), Recorder()
+    dispatcher = Dispatcher(make_pipeline(backend), {"mqtt": mqtt, "homeassistant": ha})
+    name = "media_player.xiaomi_lx06_a1b2"
+    dispatcher.admit(question("家里", device=name, source="homeassistant"))
+    dispatcher.admit(question("冒充", device=name, source="mqtt"))
+    await backend.wait_started(2)  # both asked at once: two speakers, not one queue
+    assert sorted(backend.started) == ["冒充", "家里"]
+    for gate in backend.gates.values():
+        gate.set()
+    await dispatcher.drain()
+    assert [a.utterance.source for a in mqtt.answers] == ["mqtt"]
+    assert [a.utterance.source for a in ha.answers] == ["homeassistant"]

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import llm_settings
 from tests.fakes.openai_server import FakeOpenAI
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
-from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
+from xiaoai_bridge.models import Answer, Outcome, SpeakerId, SpeechChunk, Utterance
 from xiaoai_bridge.pipeline.memory import ConversationMemory
 from xiaoai_bridge.pipeline.pipeline import (
     CONTINUOUS_OFF_REPLY,
@@ -123,7 +123,7 @@ async def test_continuous_conversation_stops_on_command(pipeline: tuple[Pipeline
     off = await pipe.handle(said("结束持续对话"), sink)
     assert (off.outcome, off.keep_listening) == (Outcome.COMMAND, False)
     assert sink.chunks[-1].text == CONTINUOUS_OFF_REPLY
-    assert not pipe.continuous("kitchen")
+    assert not pipe.continuous(SpeakerId("test", "kitchen"))
 
 
 async def test_disabled_pipeline_ignores_everything(
@@ -143,7 +143,10 @@ async def test_answer_timings_and_memory(pipeline: tuple[Pipeline, Clock], llm: 
     assert answer.text == "Hello there.你好。"  # chunks re-joined without a space before CJK
     assert answer.first_chunk_s is not None
     assert answer.total_s is not None
-    assert [m.content for m in pipe.memory.history("kitchen")] == ["hi", answer.text]
+    assert [m.content for m in await pipe.memory.history(SpeakerId("test", "kitchen"))] == [
+        "hi",
+        answer.text,
+    ]
 
 
 async def test_first_words_go_out_at_the_first_clause(

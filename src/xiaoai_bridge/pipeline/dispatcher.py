@@ -1,4 +1,4 @@
-"""Routes utterances to the pipeline: one device in order, different devices concurrently."""
+"""Routes utterances to the pipeline: one speaker in order, different speakers concurrently."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from xiaoai_bridge.errors import BridgeError
-from xiaoai_bridge.models import Answer, SpeechChunk, Utterance
+from xiaoai_bridge.models import Answer, SpeakerId, SpeechChunk, Utterance
 from xiaoai_bridge.pipeline.inbox import Inbox, InboxEntry
 from xiaoai_bridge.pipeline.pipeline import Pipeline
 from xiaoai_bridge.sinks.base import Sink
@@ -46,7 +46,7 @@ class _Job:
 
 
 class Dispatcher:
-    """Runs one worker per busy device; a device's questions are answered in arrival order.
+    """Runs one worker per busy speaker; a speaker's questions are answered in arrival order.
 
     `admit` is the durable door: it returns once a question is on disk in the inbox (or was
     refused as busy), so the source may acknowledge it; the inbox row is deleted only after
@@ -71,7 +71,7 @@ class Dispatcher:
         self._max_pending = max_pending
         self._resume_freshness_s = resume_freshness_s
         self._clock = clock
-        self._queues: dict[str, deque[_Job]] = {}
+        self._queues: dict[SpeakerId, deque[_Job]] = {}
         self._pending = 0
         self._workers: set[asyncio.Task[None]] = set()
         self._listeners: list[AnswerListener] = []
@@ -168,14 +168,14 @@ class Dispatcher:
 
     def _enqueue(self, job: _Job) -> None:
         self._pending += 1
-        device = job.utterance.device
-        queue = self._queues.get(device)
+        speaker = job.utterance.speaker
+        queue = self._queues.get(speaker)
         if queue is not None:
-            queue.append(job)  # the device's worker will get to it
+            queue.append(job)  # the speaker's worker will get to it
             return
-        self._queues[device] = deque([job])
+        self._queues[speaker] = deque([job])
         self._idle.clear()
-        worker = asyncio.create_task(self._work(device), name=f"pipeline:{device}")
+        worker = asyncio.create_task(self._work(speaker), name=f"pipeline:{speaker}")
         self._workers.add(worker)
         worker.add_done_callback(self._workers.discard)
 
@@ -239,8 +239,8 @@ class Dispatcher:
         if job.entry_id is not None and self._inbox is not None:
             self._inbox.done(job.entry_id)
 
-    async def _work(self, device: str) -> None:
-        queue = self._queues[device]
+    async def _work(self, speaker: SpeakerId) -> None:
+        queue = self._queues[speaker]
         try:
             while queue:
                 job = queue[0]
@@ -250,7 +250,7 @@ class Dispatcher:
                 self._done(job)
         finally:
             self._pending -= len(queue)  # cancelled at shutdown: the inbox keeps them
-            del self._queues[device]
+            del self._queues[speaker]
             if not self._queues:
                 self._idle.set()
 

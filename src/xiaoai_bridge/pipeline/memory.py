@@ -1,25 +1,48 @@
-"""Conversation memory per device, persisted in SQLite so a restart keeps it."""
+"""Conversation memory per speaker, persisted in SQLite so a restart keeps it."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import logging
+import re
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from xiaoai_bridge.errors import DataDirError
 from xiaoai_bridge.llm.base import ChatMessage
+from xiaoai_bridge.models import SpeakerId
 from xiaoai_bridge.spoken import is_wide
+
+_LOGGER = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS turns (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL DEFAULT '',
     device TEXT NOT NULL,
     question TEXT NOT NULL,
     answer TEXT NOT NULL,
     created REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS turns_by_device ON turns (device, id);
 """
+_INDEX = "CREATE INDEX IF NOT EXISTS turns_by_speaker ON turns (source, device, id);"
+# Rows written before memory was kept per (source, device) name only a device. Whose it was
+# shows in the name: Home Assistant entity ids, Xiaomi's device UUIDs, the rest MQTT's.
+_XIAOMI_DEVICE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def source_of_legacy_device(device: str) -> str:
+    """The source a device of a pre-(source, device) memory row most likely belongs to."""
+    if device.startswith(("media_player.", "sensor.")):
+        return "homeassistant"
+    if _XIAOMI_DEVICE_ID.fullmatch(device.lower()):
+        return "xiaomi"
+    return "mqtt"
 
 
 def estimate_tokens(text: str) -> int:
@@ -29,10 +52,10 @@ def estimate_tokens(text: str) -> int:
 
 
 class ConversationMemory:
-    """The last turns of each device's conversation, bounded by turns and by tokens.
+    """The last turns of each speaker's conversation, bounded by turns and by tokens.
 
-    Calls are synchronous: each is a single indexed SQLite statement on a local file,
-    far cheaper than handing it to a thread.
+    The async methods run on one thread of their own, in call order: a slow disk (an SD
+    card during a checkpoint) never stalls the event loop that carries every answer.
     """
 
     def __init__(self, path: Path | None, *, max_turns: int, max_tokens: int) -> None:
@@ -40,25 +63,52 @@ class ConversationMemory:
         self._max_turns = max_turns
         self._max_tokens = max_tokens
         self._db: sqlite3.Connection | None = None
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
 
     def open(self) -> None:
         """Create or open the database (":memory:" when no path was given)."""
         try:
             if self._path is not None:
                 self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._db = sqlite3.connect(str(self._path or ":memory:"), isolation_level=None)
+            self._db = sqlite3.connect(
+                str(self._path or ":memory:"), isolation_level=None, check_same_thread=False
+            )
             if self._path is not None:
                 self._path.chmod(0o600)  # conversations are private
             # WAL + NORMAL: a commit costs no fsync; a power cut may lose the last turn only.
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._migrate(self._db)
+            self._db.execute(_INDEX)
         except (sqlite3.Error, OSError) as err:
             self.close()
             raise _open_error(self._path, err) from err
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memory")
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(turns)")}
+        if "source" in columns:
+            return
+        db.execute("BEGIN")
+        db.execute("ALTER TABLE turns ADD COLUMN source TEXT NOT NULL DEFAULT ''")
+        db.execute("DROP INDEX IF EXISTS turns_by_device")
+        devices = [row[0] for row in db.execute("SELECT DISTINCT device FROM turns")]
+        for device in devices:
+            db.execute(
+                "UPDATE turns SET source = ? WHERE device = ?",
+                (source_of_legacy_device(device), device),
+            )
+        db.execute("COMMIT")
+        if devices:
+            _LOGGER.info("memory: %d speakers' turns now kept per source and device", len(devices))
 
     def close(self) -> None:
-        """Close the database."""
+        """Finish pending writes and close the database."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -68,15 +118,33 @@ class ConversationMemory:
         """False when configured to remember nothing."""
         return self._max_turns > 0
 
-    def history(self, device: str) -> list[ChatMessage]:
+    async def history(self, speaker: SpeakerId) -> list[ChatMessage]:
         """The remembered turns, oldest first, within the turn and token budgets."""
         if not self.enabled:
             return []
+        return await self._run(self._history, speaker)
+
+    async def remember(self, speaker: SpeakerId, question: str, answer: str) -> None:
+        """Store one turn and drop the ones beyond the turn budget."""
+        if self.enabled:
+            await self._run(self._remember, speaker, question, answer)
+
+    async def forget(self, speaker: SpeakerId) -> int:
+        """Clear a speaker's conversation; return how many turns were dropped."""
+        return await self._run(self._forget, speaker)
+
+    async def _run(self, call: Callable[..., _T], *args: object) -> _T:
+        if self._thread is None:
+            raise RuntimeError("ConversationMemory used before open()")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
+
+    def _history(self, speaker: SpeakerId) -> list[ChatMessage]:
         rows = (
             self._conn()
             .execute(
-                "SELECT question, answer FROM turns WHERE device = ? ORDER BY id DESC LIMIT ?",
-                (device, self._max_turns),
+                "SELECT question, answer FROM turns WHERE source = ? AND device = ? "
+                "ORDER BY id DESC LIMIT ?",
+                (speaker.source, speaker.device, self._max_turns),
             )
             .fetchall()
         )
@@ -94,26 +162,25 @@ class ConversationMemory:
             messages.append(ChatMessage("assistant", answer))
         return messages
 
-    def remember(self, device: str, question: str, answer: str) -> None:
-        """Store one turn and drop the ones beyond the turn budget."""
-        if not self.enabled:
-            return
+    def _remember(self, speaker: SpeakerId, question: str, answer: str) -> None:
         db = self._conn()
+        key = (speaker.source, speaker.device)
         db.execute("BEGIN")
         db.execute(
-            "INSERT INTO turns (device, question, answer, created) VALUES (?, ?, ?, ?)",
-            (device, question, answer, time.time()),
+            "INSERT INTO turns (source, device, question, answer, created) VALUES (?, ?, ?, ?, ?)",
+            (*key, question, answer, time.time()),
         )
         db.execute(
-            "DELETE FROM turns WHERE device = ? AND id NOT IN "
-            "(SELECT id FROM turns WHERE device = ? ORDER BY id DESC LIMIT ?)",
-            (device, device, self._max_turns),
+            "DELETE FROM turns WHERE source = ? AND device = ? AND id NOT IN "
+            "(SELECT id FROM turns WHERE source = ? AND device = ? ORDER BY id DESC LIMIT ?)",
+            (*key, *key, self._max_turns),
         )
         db.execute("COMMIT")
 
-    def forget(self, device: str) -> int:
-        """Clear a device's conversation; return how many turns were dropped."""
-        cursor = self._conn().execute("DELETE FROM turns WHERE device = ?", (device,))
+    def _forget(self, speaker: SpeakerId) -> int:
+        cursor = self._conn().execute(
+            "DELETE FROM turns WHERE source = ? AND device = ?", (speaker.source, speaker.device)
+        )
         return cursor.rowcount
 
     def _conn(self) -> sqlite3.Connection:

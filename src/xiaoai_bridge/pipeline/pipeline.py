@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from xiaoai_bridge.errors import BridgeError, LLMError
 from xiaoai_bridge.llm.base import ChatBackend, ChatMessage
-from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
+from xiaoai_bridge.models import Answer, Outcome, SpeakerId, SpeechChunk, Utterance
 from xiaoai_bridge.pipeline.chunker import DEFAULT_FIRST_CLAUSE_CHARS, SentenceChunker
 from xiaoai_bridge.pipeline.memory import ConversationMemory
 from xiaoai_bridge.pipeline.speech import SpeechCleaner
@@ -99,8 +99,8 @@ class Pipeline:
         self._forget = _command_set(settings.forget_commands)
         self._continuous_start = _command_set(settings.continuous_start_commands)
         self._continuous_stop = _command_set(settings.continuous_stop_commands)
-        # Device -> clock time when its continuous conversation lapses.
-        self._continuous: dict[str, float] = {}
+        # Speaker -> clock time when its continuous conversation lapses.
+        self._continuous: dict[SpeakerId, float] = {}
         self.enabled = True
         self._llm_slots = asyncio.Semaphore(settings.max_concurrent_llm)
         self._clock = clock
@@ -127,21 +127,22 @@ class Pipeline:
         command = _normalize_command(trigger.apply(utterance.text, require_keyword=False) or "")
         if command in self._continuous_start or command in self._continuous_stop:
             return await self._switch_continuous(run, on=command in self._continuous_start)
-        continuous = self.continuous(device)
+        speaker = utterance.speaker
+        continuous = self.continuous(speaker)
         question = trigger.apply(utterance.text, require_keyword=not continuous)
         if question is None:
             _LOGGER.debug("not triggered, left to XiaoAi: %r", utterance.text)
             return await run.end(Outcome.IGNORED, reason="not_triggered")
         if continuous:
-            self._continuous[device] = self._clock() + self._settings.continuous_idle_s
+            self._continuous[speaker] = self._clock() + self._settings.continuous_idle_s
         run.keep_listening = continuous
         await run.begin()
         if not question:
             await run.say(WAKE_ONLY_REPLY, final=True)
             return await run.end(Outcome.COMMAND, reason="wake_only")
         if _normalize_command(question) in self._forget:
-            dropped = self._memory.forget(utterance.device)
-            _LOGGER.info("forgot %d turns of %s's conversation", dropped, utterance.device)
+            dropped = await self._memory.forget(speaker)
+            _LOGGER.info("forgot %d turns of %s's conversation", dropped, speaker)
             await run.say(FORGET_REPLY, final=True)
             return await run.end(Outcome.COMMAND, reason="forget")
         return await self._ask(run, question)
@@ -151,24 +152,24 @@ class Pipeline:
         """The conversation memory (for "forget" buttons)."""
         return self._memory
 
-    def continuous(self, device: str) -> bool:
-        """True while `device` is in a continuous conversation (no keyword needed)."""
-        deadline = self._continuous.get(device)
+    def continuous(self, speaker: SpeakerId) -> bool:
+        """True while `speaker` is in a continuous conversation (no keyword needed)."""
+        deadline = self._continuous.get(speaker)
         if deadline is None:
             return False
         if deadline <= self._clock():
-            del self._continuous[device]
-            _LOGGER.info("continuous conversation with %s ended after being idle", device)
+            del self._continuous[speaker]
+            _LOGGER.info("continuous conversation with %s ended after being idle", speaker)
             return False
         return True
 
     async def _switch_continuous(self, run: _Run, *, on: bool) -> Answer:
-        device = run.utterance.device
+        speaker = run.utterance.speaker
         if on:
-            self._continuous[device] = self._clock() + self._settings.continuous_idle_s
+            self._continuous[speaker] = self._clock() + self._settings.continuous_idle_s
         else:
-            self._continuous.pop(device, None)
-        _LOGGER.info("continuous conversation with %s %s", device, "on" if on else "off")
+            self._continuous.pop(speaker, None)
+        _LOGGER.info("continuous conversation with %s %s", speaker, "on" if on else "off")
         run.keep_listening = on
         await run.begin()
         await run.say(CONTINUOUS_ON_REPLY if on else CONTINUOUS_OFF_REPLY, final=True)
@@ -178,7 +179,7 @@ class Pipeline:
         device = run.utterance.device
         messages = [
             ChatMessage("system", self._settings.system_prompt),
-            *self._memory.history(device),
+            *await self._memory.history(run.utterance.speaker),
             ChatMessage("user", question),
         ]
         chunker = SentenceChunker(
@@ -210,7 +211,7 @@ class Pipeline:
             _LOGGER.warning("LLM answer for %s had nothing speakable", device)
             await run.say(apology_for("empty"), final=True)
             return await run.end(Outcome.FAILED, reason="empty")
-        self._memory.remember(device, question, run.text)
+        await self._memory.remember(run.utterance.speaker, question, run.text)
         return await run.end(Outcome.ANSWERED)
 
 

@@ -30,6 +30,7 @@ const OUTCOMES = { answered: "answered", command: "command", ignored: "ignored",
 const state = {
   conversations: new Map(), // key -> conversation
   devices: new Map(), // device -> [keys], oldest first
+  sources: new Map(), // device -> the adapter that heard it last (memory is per source and device)
   order: [], // devices, most recently active first
   adapters: {},
   status: "unknown",
@@ -121,6 +122,7 @@ function remember(conversation) {
   if (!keys.includes(conversation.key)) keys.push(conversation.key);
   while (keys.length > 20) state.conversations.delete(keys.shift());
   state.devices.set(conversation.device, keys);
+  if (conversation.source) state.sources.set(conversation.device, conversation.source);
   state.order = [conversation.device, ...state.order.filter((d) => d !== conversation.device)];
 }
 
@@ -131,7 +133,8 @@ function speakerCard(device) {
   forget.addEventListener("click", async () => {
     forget.disabled = true;
     try {
-      await post("api/forget", { device });
+      const source = state.sources.get(device);
+      await post("api/forget", source ? { source, device } : { device });
     } catch (error) {
       toast(`Could not forget: ${error.message}`, true);
     } finally {
