@@ -181,10 +181,13 @@ async def test_broker_restart_with_questions_in_flight_loses_nothing(
     # The answers are being written while the broker goes away and comes back.
     await mosquitto.restart()
     async with open_probe(mosquitto, "restart-probe") as probe:
-        replies = [await probe.reply_json(wait_s=20) for _ in range(5)]
-        assert sorted(r["id"] for r in replies) == list(range(5))
+        # QoS 1 is at least once: a reply whose PUBACK the restart cut off comes twice.
+        seen: set[int] = set()
+        while seen != set(range(5)):
+            seen.add((await probe.reply_json(wait_s=20))["id"])
         # ...and the bridge reconnected for good: a new question still gets answered.
         llm.first_token_delay = 0
         await probe.ask({"text": "之后的问题", "id": "after"})
-        assert (await probe.reply_json(wait_s=20))["id"] == "after"
+        while (reply := await probe.reply_json(wait_s=20))["id"] != "after":
+            assert reply["id"] in seen  # only a late duplicate may come before it
         await bridge.stop()
