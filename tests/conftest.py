@@ -21,6 +21,24 @@ from xiaoai_bridge.app import run_service
 from xiaoai_bridge.config import HttpSettings, LLMSettings, MqttSettings, Settings
 
 API_KEY = "sk-test-0123456789abcdef"
+# Tests that start a program or a loopback server (mosquitto, the CLI, a browser, the fake
+# LLM, Home Assistant or Xiaomi cloud) are "e2e"; the rest are "unit" and run in seconds:
+# `pytest -m unit` while working, the whole suite before landing.
+_E2E_FOLDERS = ("e2e", "container", "fakes")
+_E2E_FIXTURES = frozenset(
+    {"mosquitto", "probe", "bridge", "start_bridge", "browser", "llm", "ha", "cloud", "auth"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test "unit" or "e2e" (see `_E2E_FOLDERS`)."""
+    for item in items:
+        folder = item.path.parent.name
+        fixtures = set(getattr(item, "fixturenames", ()))
+        e2e = folder in _E2E_FOLDERS or bool(fixtures & _E2E_FIXTURES)
+        item.add_marker(pytest.mark.e2e if e2e else pytest.mark.unit)
+
+
 WAIT_S = 10.0
 
 
