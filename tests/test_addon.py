@@ -133,6 +133,8 @@ def test_full_options_and_supervisor_broker_make_a_valid_config(tmp_path: Path) 
     assert settings.http.host == "0.0.0.0"  # noqa: S104
     assert settings.http.token is not None
     assert settings.http.token.get_secret_value() == "page-token-abcdef"
+    # Opened as http://homeassistant.local:8099/ or by IP: the token guards it, not the name.
+    assert settings.http.allowed_hosts == ("*",)
 
 
 def test_default_options_make_home_assistant_mode_on_loopback_http(tmp_path: Path) -> None:

@@ -138,8 +138,14 @@ def build_config(
         raise AddonError("turn on homeassistant_mode or mqtt_mode: with neither, nothing is heard")
     # /healthz answers the health check inside the container either way; the status page is
     # reachable from outside only with a token, which the service demands beyond loopback.
+    # Any host name, since the page is opened by whatever name Home Assistant's machine has
+    # (homeassistant.local, its IP, a proxy): DNS rebinding cannot guess the token.
     if options.get("http_token"):
-        config["http"] = {"host": HTTP_ANY_HOST, "token": options["http_token"]}
+        config["http"] = {
+            "host": HTTP_ANY_HOST,
+            "token": options["http_token"],
+            "allowed_hosts": ["*"],
+        }
     return config
 
 
