@@ -12,14 +12,23 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, overload
 
 import aiohttp
 
 from xiaoai_bridge import __version__
 from xiaoai_bridge.errors import LLMError, LLMNotConfiguredError
 from xiaoai_bridge.jsonwire import parse_json
-from xiaoai_bridge.llm.base import ChatMessage
+from xiaoai_bridge.llm.base import (
+    ChatMessage,
+    Message,
+    RoundEvent,
+    ToolCall,
+    ToolCalls,
+    ToolResult,
+    ToolSpec,
+)
 
 if TYPE_CHECKING:
     from xiaoai_bridge.config import LLMSettings
@@ -34,6 +43,8 @@ MAX_RETRY_DELAY_S = 8.0
 MAX_RETRY_AFTER_S = 20.0
 _DATA_PREFIX = b"data:"
 _DONE = b"[DONE]"
+# Words in a 400's error that mean "this model or server does not do function calling".
+_TOOLS_WORDS = ("tool", "function")
 
 
 class OpenAICompatBackend:
@@ -54,37 +65,51 @@ class OpenAICompatBackend:
         """False when the provider needs a key and none was given."""
         return self._configured
 
-    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
-        """Yield content deltas of one streamed completion."""
+    @overload
+    def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]: ...
+
+    @overload
+    def stream(
+        self, messages: Sequence[Message], *, tools: Sequence[ToolSpec]
+    ) -> AsyncIterator[RoundEvent]: ...
+
+    async def stream(
+        self, messages: Sequence[Message], *, tools: Sequence[ToolSpec] | None = None
+    ) -> AsyncIterator[RoundEvent]:
+        """Yield content deltas of one streamed completion; with `tools`, then its tool calls."""
         if not self._configured:
             raise LLMNotConfiguredError
         body: dict[str, Any] = {
             "model": self._settings.model,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [_wire_message(m) for m in messages],
             "stream": True,
         }
+        if tools:
+            body["tools"] = [_wire_tool(t) for t in tools]
+            body["tool_choice"] = "auto"
         if self._settings.temperature is not None:
             body["temperature"] = self._settings.temperature
         if self._settings.max_tokens is not None:
             body["max_tokens"] = self._settings.max_tokens
-        # `timeout_s` bounds the wait for the first words, every attempt and backoff included:
-        # the speaker apologises in time even if each retry would have hung again.
+        # `timeout_s` bounds the wait for the first words (or, in a tool round without words,
+        # for the finished calls), every attempt and backoff included: the speaker apologises
+        # in time even if each retry would have hung again.
         deadline = asyncio.get_running_loop().time() + self._settings.timeout_s
         async with (
             self._post("/chat/completions", body, deadline) as response,
-            contextlib.aclosing(_deltas(response)) as deltas,
+            contextlib.aclosing(_events(response, with_tools=bool(tools))) as events,
         ):
             try:
                 async with asyncio.timeout_at(deadline):
-                    first = await anext(deltas, None)
+                    first = await anext(events, None)
             except TimeoutError as err:
                 raise _timeout_error() from err
             if first is None:
                 raise LLMError("empty", "the LLM returned no content")
             yield first
             # From here each read has its own `timeout_s` (the session's sock_read).
-            async for delta in deltas:
-                yield delta
+            async for event in events:
+                yield event
 
     async def check(self) -> str:
         """List the provider's models; say whether the configured one is among them."""
@@ -171,7 +196,7 @@ class OpenAICompatBackend:
                     return response
                 retry_after = _retry_after(response)
                 try:
-                    error = await _status_error(response)
+                    error = await _status_error(response, sent_tools="tools" in body)
                 finally:
                     response.release()
                 if response.status not in RETRYABLE_STATUSES:
@@ -220,8 +245,121 @@ def retry_delay(
     return delay
 
 
-async def _deltas(response: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
-    """Content deltas from an SSE body of chat.completion.chunk objects."""
+def _wire_message(message: Message) -> dict[str, Any]:
+    """A message in the chat-completions request shape."""
+    if isinstance(message, ChatMessage):
+        return {"role": message.role, "content": message.content}
+    if isinstance(message, ToolResult):
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    return {
+        "role": "assistant",
+        "content": message.content,
+        "tool_calls": [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for call in message.calls
+        ],
+    }
+
+
+def _wire_tool(tool: ToolSpec) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {
+            "name": tool.name,
+            "description": tool.description,
+            "parameters": dict(tool.parameters),
+        },
+    }
+
+
+@dataclass
+class _PartialCall:
+    """One tool call being assembled from its deltas."""
+
+    id: str | None = None
+    name: str | None = None
+    arguments: list[str] = field(default_factory=list)
+
+
+class _ToolCallAssembler:
+    """Joins `delta.tool_calls[]` fragments per `index` into whole calls."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, _PartialCall] = {}
+
+    def feed(self, fragments: object) -> None:
+        """Take one delta's `tool_calls` value; LLMError("malformed") on a shape we cannot use."""
+        if fragments is None:
+            return
+        if not isinstance(fragments, list):
+            raise _malformed("tool_calls is not a list")
+        for fragment in fragments:
+            if not isinstance(fragment, dict):
+                raise _malformed("a tool call delta is not an object")
+            index = fragment.get("index")
+            # bool is an int to Python, never to the wire format.
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                raise _malformed("a tool call delta has no valid index")
+            call = self._calls.setdefault(index, _PartialCall())
+            call.id = _same_or_first(call.id, fragment.get("id"), "id")
+            kind = fragment.get("type")
+            if kind is not None and kind != "function":
+                raise _malformed(f"tool call of unknown type {kind!r}")
+            function = fragment.get("function")
+            if function is None:
+                continue
+            if not isinstance(function, dict):
+                raise _malformed("tool call function is not an object")
+            call.name = _same_or_first(call.name, function.get("name"), "name")
+            arguments = function.get("arguments")
+            if arguments is None:
+                continue
+            if not isinstance(arguments, str):
+                raise _malformed("tool call arguments are not a string")
+            call.arguments.append(arguments)
+
+    def finish(self) -> ToolCalls | None:
+        """The whole calls in index order, or None when the round asked for none."""
+        if not self._calls:
+            return None
+        calls: list[ToolCall] = []
+        for index in sorted(self._calls):
+            partial = self._calls[index]
+            if not partial.id or not partial.name:
+                raise _malformed(f"tool call {index} came without an id or a name")
+            calls.append(ToolCall(partial.id, partial.name, "".join(partial.arguments)))
+        self._calls.clear()
+        return ToolCalls(tuple(calls))
+
+
+def _same_or_first(known: str | None, value: object, what: str) -> str | None:
+    """Keep the first `what` of a call; providers that repeat it must repeat it unchanged."""
+    if value is None or value == "":
+        return known
+    if not isinstance(value, str):
+        raise _malformed(f"tool call {what} is not a string")
+    if known is not None and value != known:
+        raise _malformed(f"tool call {what} changed mid-call")
+    return value
+
+
+def _malformed(detail: str) -> LLMError:
+    return LLMError("malformed", f"unusable stream frame from the LLM: {detail}")
+
+
+async def _events(
+    response: aiohttp.ClientResponse, *, with_tools: bool
+) -> AsyncGenerator[RoundEvent, None]:
+    """Content deltas from an SSE body of chat.completion.chunk objects, then any tool calls.
+
+    Tool calls are handed over only whole, at the round's end: their arguments are JSON that
+    is useless until its last fragment.
+    """
+    assembler = _ToolCallAssembler() if with_tools else None
     try:
         async for raw in response.content:
             line = raw.strip()
@@ -230,15 +368,33 @@ async def _deltas(response: aiohttp.ClientResponse) -> AsyncGenerator[str, None]
                 continue
             data = line[len(_DATA_PREFIX) :].strip()
             if data == _DONE:
-                return
-            delta = _delta_of(data)
-            if delta:
-                yield delta
+                break
+            choice = _choice_of(data)
+            if choice is None:
+                continue
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                content = delta.get("content")
+                if isinstance(content, str) and content:
+                    yield content
+                if assembler is not None:
+                    assembler.feed(delta.get("tool_calls"))
+            # Some providers end a tool round with "stop" rather than "tool_calls": any finish
+            # ends the round, and usage chunks may still follow.
+            if assembler is not None and choice.get("finish_reason") is not None:
+                calls = assembler.finish()
+                if calls is not None:
+                    yield calls
     except (aiohttp.ClientError, TimeoutError) as err:
         raise _connection_error(err, mid_stream=True) from err
+    if assembler is not None:
+        calls = assembler.finish()  # a stream that ended without a finish_reason
+        if calls is not None:
+            yield calls
 
 
-def _delta_of(data: bytes) -> str:
+def _choice_of(data: bytes) -> dict[str, Any] | None:
+    """The first choice of one stream frame, or None for frames without one."""
     try:
         chunk = parse_json(data)
     except ValueError as err:
@@ -250,13 +406,11 @@ def _delta_of(data: bytes) -> str:
     choices = chunk.get("choices")
     # Keep-alive and usage chunks come with no choices.
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return ""
-    delta = choices[0].get("delta")
-    content = delta.get("content") if isinstance(delta, dict) else None
-    return content if isinstance(content, str) else ""
+        return None
+    return choices[0]
 
 
-async def _status_error(response: aiohttp.ClientResponse) -> LLMError:
+async def _status_error(response: aiohttp.ClientResponse, *, sent_tools: bool = False) -> LLMError:
     """The LLMError an HTTP error response stands for."""
     status = response.status
     try:
@@ -264,9 +418,12 @@ async def _status_error(response: aiohttp.ClientResponse) -> LLMError:
     except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
         text = ""
     try:
-        message = _message(parse_json(text))
+        parsed = parse_json(text)
     except ValueError:
+        parsed = None
         message = text[:200] or response.reason or ""
+    else:
+        message = _message(parsed)
     if status in (401, 403):
         return LLMError("auth", f"the LLM rejected the API key ({status}): {message}")
     if status == 429:
@@ -275,7 +432,21 @@ async def _status_error(response: aiohttp.ClientResponse) -> LLMError:
         return LLMError("not_found", f"model or URL not found: {message}")
     if status >= 500:
         return LLMError("server_error", f"the LLM failed ({status}): {message}")
+    if sent_tools and status == 400 and _names_tools(parsed, message):
+        return LLMError("tools_unsupported", f"the LLM does not take tools ({status}): {message}")
     return LLMError("bad_request", f"the LLM refused the request ({status}): {message}")
+
+
+def _names_tools(body: object, message: str) -> bool:
+    """Whether a 400 blames the request's tools rather than, say, its messages."""
+    param = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        value = body["error"].get("param")
+        param = value if isinstance(value, str) else None
+    if param is not None and param.startswith("messages"):
+        return False  # our tool/assistant messages are at fault, not the offer of tools
+    texts = (message, param or "")
+    return any(word in text.lower() for text in texts for word in _TOOLS_WORDS)
 
 
 def _message(body: object) -> str:
