@@ -36,6 +36,7 @@ _OWNED_BY = "fake-openai"
 
 Messages = list[dict[str, Any]]
 AnswerSource = str | Callable[[Messages], str]
+TOOLS_UNSUPPORTED_MESSAGE = "Unsupported parameter: 'tools' is not supported with this model."
 
 
 class Fault(StrEnum):
@@ -50,6 +51,96 @@ class Fault(StrEnum):
     DROP_MID_STREAM = "drop"  # some tokens, then the TCP connection is aborted
     DEEP_FRAME = "deep_frame"  # one frame of JSON nested too deep to parse (non-stream: the body)
     DEEP_ERROR = "deep_error"  # a 500 whose body is JSON nested too deep to parse
+
+
+@dataclass(frozen=True)
+class ScriptedCall:
+    """One tool call a scripted round asks for; `arguments` arrive in `pieces` fragments."""
+
+    id: str
+    name: str
+    arguments: str
+    pieces: int = 1
+
+
+@dataclass(frozen=True)
+class ToolRound:
+    """An answer that asks for tool calls, streamed as OpenAI's `delta.tool_calls[]`.
+
+    ``text`` is streamed as content before the calls; ``interleave`` alternates the deltas of
+    different calls; ``whole`` sends each call in one delta, as some compatible servers do.
+    """
+
+    calls: tuple[ScriptedCall, ...]
+    text: str = ""
+    interleave: bool = False
+    whole: bool = False
+    finish_reason: str = "tool_calls"
+
+
+@dataclass(frozen=True)
+class RawRound:
+    """Stream-only: these ``delta`` objects verbatim, one per chunk, to test broken shapes."""
+
+    deltas: tuple[Any, ...]
+    finish_reason: str | None = "tool_calls"
+
+
+# A scripted answer: plain text, a tool round, or raw deltas.
+Round = str | ToolRound | RawRound
+
+
+def split_evenly(text: str, pieces: int) -> list[str]:
+    """Cut ``text`` into at most ``pieces`` non-empty consecutive parts ([""] for no text)."""
+    if not text:
+        return [""]
+    pieces = max(1, min(pieces, len(text)))
+    base, extra = divmod(len(text), pieces)
+    parts: list[str] = []
+    start = 0
+    for index in range(pieces):
+        end = start + base + (1 if index < extra else 0)
+        parts.append(text[start:end])
+        start = end
+    return parts
+
+
+def tool_call_deltas(round_: ToolRound) -> list[dict[str, Any]]:
+    """The ``delta`` objects carrying a round's calls, in the order they go on the wire."""
+    per_call: list[list[dict[str, Any]]] = []
+    for index, call in enumerate(round_.calls):
+        head: dict[str, Any] = {"index": index, "id": call.id, "type": "function"}
+        if round_.whole:
+            head["function"] = {"name": call.name, "arguments": call.arguments}
+            per_call.append([{"tool_calls": [head]}])
+            continue
+        # Only the first delta of a call carries its id, type and name.
+        head["function"] = {"name": call.name, "arguments": ""}
+        fragments = [
+            {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
+            for piece in split_evenly(call.arguments, call.pieces)
+            if piece
+        ]
+        per_call.append([{"tool_calls": [head]}, *fragments])
+    if round_.interleave:
+        ordered = [d for group in itertools.zip_longest(*per_call) for d in group if d is not None]
+    else:
+        ordered = [d for deltas in per_call for d in deltas]
+    if ordered and not round_.text:
+        # With no content first, the first delta also opens the assistant message.
+        ordered[0] = {"role": "assistant", "content": None, **ordered[0]}
+    return ordered
+
+
+def _whole_calls(round_: ToolRound) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
+        for call in round_.calls
+    ]
 
 
 @dataclass(frozen=True)
@@ -75,6 +166,19 @@ class RecordedRequest:
     status: int | None = None
     answer: str | None = None
     tokens: list[str] = field(default_factory=list)
+    round: Round | None = None
+
+    @property
+    def tools(self) -> list[dict[str, Any]]:
+        """The ``tools`` array the client offered (empty when absent)."""
+        if isinstance(self.body, dict) and isinstance(self.body.get("tools"), list):
+            return list(self.body["tools"])
+        return []
+
+    @property
+    def tool_messages(self) -> Messages:
+        """The ``role: "tool"`` result messages of the request."""
+        return [m for m in self.messages if isinstance(m, dict) and m.get("role") == "tool"]
 
     @property
     def messages(self) -> Messages:
@@ -201,6 +305,9 @@ class FakeOpenAI:
         self.fault_after_tokens = fault_after_tokens
         self.fault: FaultSpec | None = None
         self.fault_counts: Counter[Fault] = Counter()
+        # A model without function calling: any request offering `tools` gets OpenAI's 400.
+        self.reject_tools = False
+        self.rounds: deque[Round] = deque()
         self.request_count = 0
         self.all_requests: deque[RecordedRequest] = deque(maxlen=record_limit)
         self._fault_queue: deque[FaultSpec] = deque()
@@ -286,6 +393,10 @@ class FakeOpenAI:
         """Apply ``fault`` to every chat request until cleared with ``set_fault(None)``."""
         self.fault = None if fault is None else FaultSpec(Fault(fault), retry_after, after_tokens)
 
+    def script(self, *rounds: Round) -> None:
+        """Answer the next chat requests with these rounds, one each, before the usual answer."""
+        self.rounds.extend(rounds)
+
     def clear_faults(self) -> None:
         """Drop queued and persistent faults."""
         self._fault_queue.clear()
@@ -299,6 +410,7 @@ class FakeOpenAI:
     def reset(self) -> None:
         """Forget recorded requests, counters and faults (timing and answer settings stay)."""
         self.clear_faults()
+        self.rounds.clear()
         self.all_requests.clear()
         self.fault_counts.clear()
         self.request_count = 0
@@ -436,6 +548,18 @@ class FakeOpenAI:
                     ),
                 )
 
+        if self.reject_tools and "tools" in body:
+            return self._json_response(
+                record,
+                400,
+                _error_body(
+                    TOOLS_UNSUPPORTED_MESSAGE,
+                    "invalid_request_error",
+                    "unsupported_parameter",
+                    "tools",
+                ),
+            )
+
         spec = self._take_fault()
         if spec is not None:
             record.fault = spec.fault
@@ -445,14 +569,27 @@ class FakeOpenAI:
                 return response
 
         messages: Messages = body["messages"]
-        tokens = self.tokens_for(messages)
+        scripted = self.rounds.popleft() if self.rounds else None
+        record.round = scripted
+        tokens = self._round_tokens(scripted, messages)
         record.tokens = tokens
         record.answer = "".join(tokens)
         if self.first_token_delay > 0:
             await asyncio.sleep(self.first_token_delay)
+        if isinstance(scripted, ToolRound | RawRound):
+            return await self._tool_round(request, record, tokens, scripted)
         if record.stream:
             return await self._stream(request, record, tokens, spec)
         return await self._complete(record, tokens, spec)
+
+    def _round_tokens(self, scripted: Round | None, messages: Messages) -> list[str]:
+        """Content tokens of this answer: the scripted text, or the usual answer."""
+        if scripted is None:
+            return self.tokens_for(messages)
+        text = scripted if isinstance(scripted, str) else ""
+        if isinstance(scripted, ToolRound):
+            text = scripted.text
+        return split_tokens(text, chars_per_token=self.chars_per_token) if text else []
 
     async def _early_fault(
         self, request: web.Request, record: RecordedRequest, spec: FaultSpec
@@ -553,22 +690,12 @@ class FakeOpenAI:
         after = self.fault_after_tokens
         if spec is not None and spec.after_tokens is not None:
             after = spec.after_tokens
-        include_usage = bool(
-            isinstance(record.body.get("stream_options"), dict)
-            and record.body["stream_options"].get("include_usage")
-        )
+        include_usage = _wants_usage(record)
         frames = _ChunkFrames(
             self._completion_id(), int(time.time()), str(record.model), include_usage
         )
 
-        response = web.StreamResponse(
-            status=200,
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache",
-                "x-request-id": f"req_{uuid.uuid4().hex}",
-            },
-        )
+        response = web.StreamResponse(status=200, headers=_stream_headers())
         record.status = 200
         await response.prepare(request)
 
@@ -609,6 +736,75 @@ class FakeOpenAI:
         await response.write_eof()
         return response
 
+    async def _tool_round(
+        self,
+        request: web.Request,
+        record: RecordedRequest,
+        tokens: list[str],
+        round_: ToolRound | RawRound,
+    ) -> web.StreamResponse:
+        """Serve a scripted tool round (faults other than early ones do not apply)."""
+        if not record.stream:
+            if isinstance(round_, RawRound):
+                message = "the fake streams raw rounds only"
+                return self._json_response(record, 500, _error_body(message, "server_error", None))
+            return self._json_response(record, 200, self._tool_completion(record, tokens, round_))
+        frames = _ChunkFrames(
+            self._completion_id(), int(time.time()), str(record.model), _wants_usage(record)
+        )
+        response = web.StreamResponse(status=200, headers=_stream_headers())
+        record.status = 200
+        await response.prepare(request)
+        parts: list[bytes] = []
+        if tokens:
+            parts += [frames.role(), *(frames.token(t) for t in tokens)]
+        if isinstance(round_, ToolRound):
+            deltas: list[Any] = tool_call_deltas(round_)
+            finish_reason: str | None = round_.finish_reason
+        else:
+            deltas, finish_reason = list(round_.deltas), round_.finish_reason
+        parts += [frames.delta(d) for d in deltas]
+        parts.append(frames.delta({}, finish_reason))
+        if frames.include_usage:
+            parts.append(frames.usage(self._usage(record, tokens)))
+        parts.append(frames.done())
+        for index, part in enumerate(parts):
+            if index > 0 and self.token_delay > 0:
+                await asyncio.sleep(self.token_delay)
+            await response.write(part)
+        await response.write_eof()
+        return response
+
+    def _tool_completion(
+        self, record: RecordedRequest, tokens: list[str], round_: ToolRound
+    ) -> str:
+        message = {
+            "role": "assistant",
+            "content": "".join(tokens) or None,
+            "refusal": None,
+            "annotations": [],
+            "tool_calls": _whole_calls(round_),
+        }
+        return _dumps(
+            {
+                "id": self._completion_id(),
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": record.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": message,
+                        "logprobs": None,
+                        "finish_reason": round_.finish_reason,
+                    }
+                ],
+                "usage": self._usage(record, tokens),
+                "service_tier": "default",
+                "system_fingerprint": _SYSTEM_FINGERPRINT,
+            }
+        )
+
     async def _mid_stream_fault(
         self,
         request: web.Request,
@@ -631,6 +827,19 @@ class FakeOpenAI:
         return True
 
 
+def _wants_usage(record: RecordedRequest) -> bool:
+    options = record.body.get("stream_options") if isinstance(record.body, dict) else None
+    return bool(isinstance(options, dict) and options.get("include_usage"))
+
+
+def _stream_headers() -> dict[str, str]:
+    return {
+        "Content-Type": "text/event-stream; charset=utf-8",
+        "Cache-Control": "no-cache",
+        "x-request-id": f"req_{uuid.uuid4().hex}",
+    }
+
+
 class _ChunkFrames:
     """Pre-rendered SSE frames of one ``chat.completion.chunk`` stream."""
 
@@ -646,14 +855,18 @@ class _ChunkFrames:
             }
         )
         # Every chunk shares the envelope; splice choices (and usage) in as text for speed.
+        self.include_usage = include_usage
         self._prefix = "data: " + head[:-1] + ',"choices":'
         self._suffix = (',"usage":null}' if include_usage else "}") + "\n\n"
         self._token_head = self._prefix + '[{"index":0,"delta":{"content":'
         self._token_tail = '},"logprobs":null,"finish_reason":null}]' + self._suffix
 
-    def _choice(self, delta: Mapping[str, Any], finish_reason: str | None) -> bytes:
+    def _choice(self, delta: Any, finish_reason: str | None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return (self._prefix + _dumps([choice]) + self._suffix).encode()
+
+    def delta(self, delta: Any, finish_reason: str | None = None) -> bytes:
+        return self._choice(delta, finish_reason)
 
     def role(self) -> bytes:
         return self._choice({"role": "assistant", "content": "", "refusal": None}, None)

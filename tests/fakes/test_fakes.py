@@ -16,15 +16,24 @@ import aiomqtt
 import openai
 import pytest
 from openai import AsyncOpenAI
-from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+from openai.types.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessageParam,
+    ChatCompletionToolParam,
+)
 
 from tests.fakes.mosquitto import HOST, Mosquitto, MosquittoError
 from tests.fakes.openai_server import (
     CHAT_PATH,
     DEFAULT_API_KEY,
+    TOOLS_UNSUPPORTED_MESSAGE,
     FakeOpenAI,
     Fault,
+    ScriptedCall,
+    ToolRound,
     default_answer,
+    split_evenly,
     split_tokens,
 )
 
@@ -444,6 +453,135 @@ async def test_stream_frames_are_flushed_as_produced(llm: FakeOpenAI) -> None:
     assert len(arrivals) == 1 + 3 + 1 + 1
     # Tokens 2 and 3 each wait token_delay, so buffered output would arrive all at once.
     assert arrivals[-1] - arrivals[0] >= 0.07
+
+
+# -- tool calls ------------------------------------------------------------------------------
+
+TOOLS: list[ChatCompletionToolParam] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "turn_off",
+            "description": "Turn a device off",
+            "parameters": {
+                "type": "object",
+                "properties": {"entity_id": {"type": "string"}},
+                "required": ["entity_id"],
+            },
+        },
+    }
+]
+CALLS = (
+    ScriptedCall("call_abc", "turn_off", '{"entity_id": "light.living_room"}', pieces=3),
+    ScriptedCall("call_def", "turn_off", '{"entity_id": "switch.客厅风扇"}', pieces=4),
+)
+
+
+def test_split_evenly_keeps_every_character() -> None:
+    assert split_evenly("abcdefg", 3) == ["abc", "de", "fg"]
+    assert split_evenly("ab", 5) == ["a", "b"]
+    assert split_evenly("", 3) == [""]
+
+
+@pytest.mark.parametrize(
+    "round_",
+    [
+        ToolRound(CALLS),
+        ToolRound(CALLS, interleave=True),
+        ToolRound(CALLS, whole=True),
+        ToolRound(CALLS[:1], text="好的，我查一下。"),
+    ],
+    ids=["split", "interleaved", "whole", "text_first"],
+)
+async def test_sdk_accumulates_the_streamed_tool_calls(
+    llm: FakeOpenAI, client: AsyncOpenAI, round_: ToolRound
+) -> None:
+    llm.script(round_, round_)
+    # The SDK's own stream helper joins the deltas with ChatCompletionStreamState.
+    async with client.chat.completions.stream(
+        model=MODEL, messages=QUESTION, tools=TOOLS
+    ) as stream:
+        async for _ in stream:
+            pass
+        final = await stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert (choice.message.content or "") == round_.text
+    calls = choice.message.tool_calls or []
+    assert [(c.id, c.type, c.function.name, c.function.arguments) for c in calls] == [
+        (c.id, "function", c.name, c.arguments) for c in round_.calls
+    ]
+    assert llm.last_request.tools == TOOLS
+
+    # The raw chunks: id, type and name only on a call's first delta, arguments in pieces.
+    raw = await client.chat.completions.create(
+        model=MODEL, messages=QUESTION, tools=TOOLS, stream=True
+    )
+    chunks: list[ChatCompletionChunk] = [chunk async for chunk in raw]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    fragments = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
+    firsts = {t.index for t in fragments if t.id is not None}
+    assert firsts == set(range(len(round_.calls)))
+    for call_index, call in enumerate(round_.calls):
+        own = [t for t in fragments if t.index == call_index]
+        assert own[0].id == call.id
+        assert own[0].function is not None
+        assert own[0].function.name == call.name
+        assert all(t.id is None and t.type is None for t in own[1:])
+        assert all(t.function is not None and t.function.name is None for t in own[1:])
+        expected = 1 if round_.whole else 1 + min(call.pieces, len(call.arguments))
+        assert len(own) == expected
+    if round_.interleave:
+        assert [t.index for t in fragments[:4]] == [0, 1, 0, 1]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def test_tool_results_are_recorded_and_the_next_round_is_text(
+    llm: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    llm.script(ToolRound(CALLS[:1]), "灯关好了。")
+    first = await client.chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS)
+    message = first.choices[0].message
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert message.tool_calls is not None
+    call = message.tool_calls[0]
+    follow_up: list[ChatCompletionMessageParam] = [
+        *QUESTION,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": "turn_off", "arguments": CALLS[0].arguments},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call.id, "content": "ok"},
+    ]
+    contents, ended_by = await _collect_stream(client, follow_up)
+    assert ended_by is None
+    assert "".join(contents) == "灯关好了。"
+    assert llm.last_request.tool_messages == [
+        {"role": "tool", "tool_call_id": "call_abc", "content": "ok"}
+    ]
+    assert llm.last_request.messages[1]["tool_calls"][0]["id"] == "call_abc"
+
+
+async def test_a_model_without_tools_answers_400_naming_tools(
+    llm: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    llm.reject_tools = True
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS)
+    assert caught.value.status_code == 400
+    assert caught.value.param == "tools"
+    assert caught.value.code == "unsupported_parameter"
+    assert TOOLS_UNSUPPORTED_MESSAGE in caught.value.message
+    contents, ended_by = await _collect_stream(client, QUESTION)  # without tools: fine
+    assert ended_by is None
+    assert contents
 
 
 async def test_first_token_delay(llm: FakeOpenAI, client: AsyncOpenAI) -> None:
