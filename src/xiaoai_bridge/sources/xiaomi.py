@@ -7,7 +7,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from xiaoai_bridge.reconnect import (
     ReconnectPolicy,
     ReconnectRunner,
     Retry,
+    Sleep,
     classify_by_type,
 )
 
@@ -53,7 +54,6 @@ _SEVERITY = (
     ConnectionState.CONNECTED,
 )
 
-Sleep = Callable[[float], Awaitable[None]]
 _CLASSIFY = classify_by_type(
     {
         # The client already logged in again once; more attempts soon would only provoke
