@@ -364,3 +364,24 @@ async def test_secrets_never_reach_the_log(
     assert caplog.records  # the flow did log
     for secret in secrets:
         assert secret not in logged
+
+
+def write_cache(path: Path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    path.chmod(0o600)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"deviceId": "\xff"}', b"[1, 2]", b"{", b""],
+)
+async def test_an_unreadable_token_cache_means_logging_in_again(
+    cloud: FakeXiaomiCloud, session: aiohttp.ClientSession, token_path: Path, content: bytes
+) -> None:
+    write_cache(token_path, content)
+
+    creds = await make_auth(cloud, session, token_path).credentials(SID_MINA)
+
+    assert creds.service_token
+    assert cloud.password_logins == 1

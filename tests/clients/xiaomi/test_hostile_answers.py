@@ -17,6 +17,7 @@ from tests.fakes.xiaomi_cloud import (
     MIOT,
     FakeXiaomiCloud,
 )
+from xiaoai_bridge.clients.xiaomi.answers import MAX_ANSWER_BYTES
 from xiaoai_bridge.clients.xiaomi.auth import SID_MINA, XiaomiAuth
 from xiaoai_bridge.clients.xiaomi.conversation import ConversationClient, parse_conversation
 from xiaoai_bridge.clients.xiaomi.errors import XiaomiApiError, XiaomiError, XiaomiNetworkError
@@ -106,6 +107,20 @@ async def test_a_body_cut_short_is_a_network_error(clients: Clients, name: str) 
     with pytest.raises(XiaomiNetworkError):
         await operation()
     assert await _outcome(operation) == "ok"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_an_answer_past_the_size_limit_is_refused(
+    cloud: FakeXiaomiCloud, clients: Clients, chunked: bool
+) -> None:
+    await clients.mina.device_list()
+    # Valid JSON, so only its size is wrong; cut short, it arrives without a usable length.
+    body = b'{"code":0,"data":[],"pad":"' + b"x" * MAX_ANSWER_BYTES + b'"}'
+    cloud.serve_raw(MINA, body, cut_short=chunked)
+
+    with pytest.raises(XiaomiApiError, match="too large"):
+        await clients.mina.device_list()
+    assert await clients.mina.device_list()
 
 
 @pytest.mark.parametrize("body", sorted(HOSTILE_BODIES))

@@ -4,8 +4,26 @@ from __future__ import annotations
 
 from typing import Any, overload
 
+import aiohttp
+
 from xiaoai_bridge.clients.xiaomi.errors import XiaomiApiError
 from xiaoai_bridge.jsonwire import parse_json
+
+# Far above any real answer (a MIoT device list of a few hundred devices is well under 1 MiB);
+# a runaway or hostile body past it is refused instead of filling the memory.
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
+
+
+async def read_answer(resp: aiohttp.ClientResponse, service: str) -> bytes:
+    """The response body, at most MAX_ANSWER_BYTES; a body cut short raises aiohttp's error."""
+    if resp.content_length is not None and resp.content_length > MAX_ANSWER_BYTES:
+        raise XiaomiApiError(service, "bad_response", "answer is too large")
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise XiaomiApiError(service, "bad_response", "answer is too large")
+    return bytes(body)
 
 
 def answer_text(service: str, body: bytes) -> str:

@@ -22,7 +22,12 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from xiaoai_bridge.clients.xiaomi.answers import answer_json, answer_text, text_field
+from xiaoai_bridge.clients.xiaomi.answers import (
+    answer_json,
+    answer_text,
+    read_answer,
+    text_field,
+)
 from xiaoai_bridge.clients.xiaomi.errors import (
     CaptchaRequiredError,
     InvalidCredentialsError,
@@ -34,6 +39,7 @@ from xiaoai_bridge.clients.xiaomi.errors import (
     XiaomiServerError,
     network_errors,
 )
+from xiaoai_bridge.jsonwire import parse_json
 from xiaoai_bridge.log import register_secret
 
 _LOGGER = logging.getLogger(__name__)
@@ -143,7 +149,7 @@ class TokenCache:
     def load(self) -> SavedLogin | None:
         """Read the cache; None when it is missing or unreadable."""
         try:
-            raw = self.path.read_text(encoding="utf-8")
+            raw = self.path.read_bytes()
             if self.path.stat().st_mode & 0o077:
                 # Copied in by hand (e.g. a MiService .mi.token): tighten it.
                 self.path.chmod(_OWNER_ONLY)
@@ -153,7 +159,8 @@ class TokenCache:
             _LOGGER.warning("cannot read the Xiaomi token cache %s: %s", self.path, err.strerror)
             return None
         try:
-            return _saved_from_json(json.loads(raw))
+            # parse_json: bad UTF-8 or deep nesting in a hand-copied file is "unreadable" too.
+            return _saved_from_json(parse_json(raw))
         except (ValueError, TypeError, KeyError):
             _LOGGER.warning("ignoring the unreadable Xiaomi token cache %s", self.path)
             return None
@@ -423,7 +430,7 @@ class XiaomiAuth:
                 timeout=self._timeout,
             ) as resp:
                 _check_account_status(resp.status)
-                body = await resp.read()
+                body = await read_answer(resp, _ACCOUNT_SERVICE)
         return parse_login_json(answer_text(_ACCOUNT_SERVICE, body))
 
     async def _service_login_auth2(self, step1: dict[str, Any]) -> dict[str, Any]:
@@ -447,7 +454,7 @@ class XiaomiAuth:
                 timeout=self._timeout,
             ) as resp:
                 _check_account_status(resp.status)
-                body = await resp.read()
+                body = await read_answer(resp, _ACCOUNT_SERVICE)
         return parse_login_json(answer_text(_ACCOUNT_SERVICE, body))
 
     async def _finish(self, sid: str, body: dict[str, Any]) -> ServiceCredentials:

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import aiohttp
 
-from xiaoai_bridge.clients.xiaomi.answers import answer_text
+from xiaoai_bridge.clients.xiaomi.answers import answer_text, read_answer
 from xiaoai_bridge.clients.xiaomi.auth import ServiceCredentials, XiaomiAuth, cookie_header
 from xiaoai_bridge.clients.xiaomi.errors import check_status, network_errors
 
@@ -80,7 +80,7 @@ class ServiceTransport:
                     check_status(self.service, resp.status)
                     # Bytes, not resp.text(): a bad byte must become our error, not a
                     # UnicodeDecodeError; a body cut short fails here as a network error.
-                    body = await resp.read()
+                    body = await read_answer(resp, self.service)
             return parse(answer_text(self.service, body))
 
         return await self._auth.call(self._sid, attempt)
