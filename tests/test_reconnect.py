@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -185,6 +186,28 @@ async def test_a_cancel_reported_as_a_lost_connection_still_ends_the_runner() ->
     assert calls == 1
     assert time.sleeps == []
     assert policy.failures == 0  # a shutdown, not a lost connection
+
+
+async def test_a_cancel_swallowed_while_connecting_ends_the_attempt_when_it_connects() -> None:
+    time = FakeTime()
+    policy, runner = make(time)
+    waiting = asyncio.Event()
+
+    async def attempt() -> str:
+        waiting.set()
+        # As Python 3.11's wait_for does when its answer is there at the same moment:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        runner.connected()
+        return "serving after the shutdown"
+
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(runner.run(attempt))
+        await waiting.wait()
+        task.cancel()
+
+    assert task.cancelled()
+    assert policy.state is ConnectionState.CONNECTING  # never reported as connected
 
 
 async def test_on_failure_sees_the_recorded_failure_and_its_delay() -> None:

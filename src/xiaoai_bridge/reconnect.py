@@ -144,6 +144,18 @@ class ReconnectRunner:
         self._sleep = sleep
         self._on_failure = on_failure
 
+    def connected(self) -> None:
+        """Record that the attempt is connected (instead of calling `policy.connected()`).
+
+        Raises CancelledError if the task is being cancelled: a library may have swallowed the
+        cancel while connecting (Python 3.11's `asyncio.wait_for` does when its answer arrives
+        in the same instant), and the connection would then serve on after a shutdown.
+        """
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
+        self.policy.connected()
+
     async def run(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
         """Await `attempt()` until it returns; raise what is fatal or not classified."""
         while True:

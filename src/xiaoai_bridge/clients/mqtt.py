@@ -101,6 +101,7 @@ class MqttConnection:
         self._tls = tls
         self._keepalive_s = keepalive_s
         self.policy = policy or ReconnectPolicy(f"mqtt {host}:{port}", _LOGGER)
+        self._runner = ReconnectRunner(self.policy, _classify)
         # Not yet handed to the broker, and handed but not yet acknowledged (by sequence).
         self._outbox: deque[Publication] = deque()
         self._unacked: dict[int, Publication] = {}
@@ -167,7 +168,7 @@ class MqttConnection:
         """Connect, serve, reconnect with backoff; until cancelled."""
         # The runner also ends on a cancel that aiomqtt reports as an MqttError (it can,
         # during connect and disconnect), which would otherwise look like a lost connection.
-        await ReconnectRunner(self.policy, _classify).run(self._attempt)
+        await self._runner.run(self._attempt)
 
     async def _attempt(self) -> None:
         try:
@@ -216,12 +217,10 @@ class MqttConnection:
                 await client.subscribe(topic_filter, qos=1)
             await client.publish(self._status_topic, ONLINE, qos=1, retain=True)
             # aiomqtt's publish (asyncio.wait_for in 3.11) can swallow a cancel that arrives as
-            # its PUBACK does: check before serving, or a SIGTERM now would be lost.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+            # its PUBACK does: the runner's connected() checks for one before serving, or a
+            # SIGTERM now would be lost.
+            self._runner.connected()
             self._connected.set()
-            self.policy.connected()
             try:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._send(client, group), name="mqtt:send")
