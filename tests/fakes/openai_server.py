@@ -132,6 +132,41 @@ def tool_call_deltas(round_: ToolRound) -> list[dict[str, Any]]:
     return ordered
 
 
+def tool_message_error(messages: Messages) -> tuple[str, str] | None:
+    """OpenAI's 400 (message, param) for tool messages that do not answer the calls before."""
+    if not isinstance(messages, list):
+        return None
+    pending: list[object] = []  # ids of the last assistant tool calls not yet answered
+    opener = -1
+    for position, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if opener < 0 or call_id not in pending:
+                return (
+                    "Invalid parameter: messages with role 'tool' must be a response to a "
+                    "preceeding message with 'tool_calls'.",
+                    f"messages.[{position}].role",
+                )
+            pending.remove(call_id)
+            continue
+        if pending:
+            break
+        opener = -1
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if isinstance(calls, list) and calls:
+            pending = [c.get("id") for c in calls if isinstance(c, dict)]
+            opener = position
+    if pending:
+        return (
+            "An assistant message with 'tool_calls' must be followed by tool messages "
+            "responding to each 'tool_call_id'. The following tool_call_ids did not have "
+            f"response messages: {', '.join(str(i) for i in pending)}",
+            f"messages.[{opener}].role",
+        )
+    return None
+
+
 def _whole_calls(round_: ToolRound) -> list[dict[str, Any]]:
     return [
         {
@@ -548,6 +583,12 @@ class FakeOpenAI:
                     ),
                 )
 
+        misplaced = tool_message_error(body["messages"])
+        if misplaced is not None:
+            message, param = misplaced
+            return self._json_response(
+                record, 400, _error_body(message, "invalid_request_error", None, param)
+            )
         if self.reject_tools and "tools" in body:
             return self._json_response(
                 record,

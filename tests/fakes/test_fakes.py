@@ -699,3 +699,44 @@ async def test_mosquitto_reports_busy_port_with_its_log() -> None:
         with pytest.raises(MosquittoError, match="Address already in use"):
             async with broker:
                 pass
+
+
+@pytest.mark.parametrize(
+    ("messages", "param", "words"),
+    [
+        # A tool result with no call before it.
+        (
+            [*QUESTION, {"role": "tool", "tool_call_id": "call_abc", "content": "ok"}],
+            "messages.[1].role",
+            "must be a response to a preceeding message with 'tool_calls'",
+        ),
+        # A call left unanswered.
+        (
+            [
+                *QUESTION,
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_abc",
+                            "type": "function",
+                            "function": {"name": "turn_off", "arguments": "{}"},
+                        }
+                    ],
+                },
+                {"role": "user", "content": "还有吗"},
+            ],
+            "messages.[1].role",
+            "did not have response messages: call_abc",
+        ),
+    ],
+    ids=["orphan_result", "unanswered_call"],
+)
+async def test_tool_messages_that_do_not_answer_their_calls_are_400(
+    client: AsyncOpenAI, messages: list[ChatCompletionMessageParam], param: str, words: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model=MODEL, messages=messages)
+    assert caught.value.param == param
+    assert words in caught.value.message

@@ -154,9 +154,13 @@ async def test_the_request_carries_tools_and_the_tool_round_messages(llm: FakeOp
 
 async def test_assistant_text_next_to_its_calls_is_sent_back(llm: FakeOpenAI) -> None:
     call = ToolCall("call_abc", "current_time", "{}")
-    messages: list[Message] = [*QUESTION, AssistantToolCalls((call,), content="我看一下。")]
+    messages: list[Message] = [
+        *QUESTION,
+        AssistantToolCalls((call,), content="我看一下。"),
+        ToolResult("call_abc", "2026-11-29 23:00"),
+    ]
     await events_of(llm, messages)
-    assert llm.last_request.messages[-1]["content"] == "我看一下。"
+    assert llm.last_request.messages[-2]["content"] == "我看一下。"
 
 
 async def test_no_tools_means_no_tools_in_the_request(llm: FakeOpenAI) -> None:
@@ -247,3 +251,12 @@ async def test_a_repeated_id_and_name_are_accepted(llm: FakeOpenAI) -> None:
 async def test_a_round_with_neither_text_nor_calls_is_empty(llm: FakeOpenAI) -> None:
     llm.script(RawRound(({"tool_calls": []},), finish_reason="tool_calls"))
     assert await reason_of(llm) == "empty"
+
+
+async def test_a_400_about_our_tool_messages_is_not_tools_unsupported(llm: FakeOpenAI) -> None:
+    # Its message names tools, but it blames a message: asking again without tools won't help.
+    messages: list[Message] = [*QUESTION, ToolResult("call_nowhere", "ok")]
+    with pytest.raises(LLMError) as caught:
+        await events_of(llm, messages)
+    assert caught.value.reason == "bad_request"
+    assert "tool" in caught.value.detail
