@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from aiohttp import web
@@ -36,7 +36,11 @@ from xiaoai_bridge.reconnect import ConnectionState, ReconnectPolicy
 from xiaoai_bridge.status import ConversationLog, Event
 
 if TYPE_CHECKING:
-    from xiaoai_bridge.app import Service
+    from xiaoai_bridge.audio import AudioStore
+    from xiaoai_bridge.config import Settings
+    from xiaoai_bridge.discovery import HomeAssistantDiscovery
+    from xiaoai_bridge.pipeline.dispatcher import Dispatcher
+    from xiaoai_bridge.pipeline.pipeline import Pipeline
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -164,6 +168,40 @@ def adapter_state(policy: ReconnectPolicy) -> dict[str, Any]:
     }
 
 
+class ServedService(Protocol):
+    """What the HTTP server reads of the running service (the app's `Service` has it)."""
+
+    @property
+    def settings(self) -> Settings:
+        """The effective configuration, shown masked."""
+        ...
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """Answering on/off and the conversation memory."""
+        ...
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """Takes questions asked here; tells the page and metrics about every answer."""
+        ...
+
+    @property
+    def connections(self) -> Mapping[str, ReconnectPolicy]:
+        """Adapter name -> its connection's state, for /healthz."""
+        ...
+
+    @property
+    def discovery(self) -> HomeAssistantDiscovery | None:
+        """Home Assistant's entities, kept in step when answering is switched here."""
+        ...
+
+    @property
+    def audio(self) -> AudioStore | None:
+        """Clips for the speakers to fetch, if the Xiaomi sink speaks by URL."""
+        ...
+
+
 class _HttpSink:
     """Answers to questions asked over HTTP go nowhere but to the observers (the page)."""
 
@@ -194,7 +232,11 @@ class HttpServer:
     """The status page, /healthz, /metrics and the API, serving one running service."""
 
     def __init__(
-        self, service: Service, settings: HttpSettings, *, clock: Callable[[], float] = time.time
+        self,
+        service: ServedService,
+        settings: HttpSettings,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._service = service
         self._settings = settings
@@ -587,7 +629,7 @@ class HttpServer:
 
 
 @contextlib.asynccontextmanager
-async def open_http(service: Service, settings: HttpSettings) -> AsyncIterator[HttpServer]:
+async def open_http(service: ServedService, settings: HttpSettings) -> AsyncIterator[HttpServer]:
     """Serve the status page and endpoints for `service` until the block exits."""
     server = HttpServer(service, settings)
     await server.start()

@@ -19,7 +19,7 @@ from xiaoai_bridge.clients.xiaomi.auth import XiaomiAuth
 from xiaoai_bridge.clients.xiaomi.mina import MinaClient
 from xiaoai_bridge.clients.xiaomi.miot import MiotClient, SpeakerActions
 from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
-from xiaoai_bridge.sinks.base import Sink
+from xiaoai_bridge.pipeline.ports import Sink
 from xiaoai_bridge.sinks.xiaomi import XiaomiSink
 from xiaoai_bridge.spoken import estimate_speech_s
 

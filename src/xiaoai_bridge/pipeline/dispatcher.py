@@ -16,7 +16,7 @@ from xiaoai_bridge.errors import BridgeError
 from xiaoai_bridge.models import Answer, SpeakerId, SpeechChunk, Utterance
 from xiaoai_bridge.pipeline.inbox import Inbox, InboxEntry
 from xiaoai_bridge.pipeline.pipeline import Pipeline
-from xiaoai_bridge.sinks.base import Sink
+from xiaoai_bridge.pipeline.ports import Sink
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from xiaoai_bridge.llm.base import ChatBackend, ChatMessage
 from xiaoai_bridge.models import Answer, Outcome, SpeakerId, SpeechChunk, Utterance
 from xiaoai_bridge.pipeline.chunker import DEFAULT_FIRST_CLAUSE_CHARS, SentenceChunker
 from xiaoai_bridge.pipeline.memory import ConversationMemory
+from xiaoai_bridge.pipeline.ports import Sink
 from xiaoai_bridge.pipeline.speech import SpeechCleaner
 from xiaoai_bridge.pipeline.trigger import Trigger
-from xiaoai_bridge.sinks.base import Sink
 from xiaoai_bridge.spoken import join_spoken
 
 _LOGGER = logging.getLogger(__name__)

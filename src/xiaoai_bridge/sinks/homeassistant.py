@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Self
 
+from xiaoai_bridge import adapters
 from xiaoai_bridge.clients.homeassistant import (
     STATE_CHANGED,
     HassEvent,
@@ -33,7 +34,7 @@ from xiaoai_bridge.spoken import estimate_speech_s
 
 _LOGGER = logging.getLogger(__name__)
 
-SINK_NAME = "homeassistant"
+SINK_NAME = adapters.HOMEASSISTANT
 # Mandarin TTS on XiaoAi speaks roughly 4-5 characters a second.
 DEFAULT_CHARS_PER_SECOND = 4.5
 # Xiaomi's cloud takes a moment between the service call and the first sound.

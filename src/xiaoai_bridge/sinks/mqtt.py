@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import logging
 
+from xiaoai_bridge import adapters
 from xiaoai_bridge.clients.mqtt import MqttConnection
 from xiaoai_bridge.models import Answer, Outcome, ReplyFormat, SpeechChunk, Utterance
-from xiaoai_bridge.sources.mqtt import SOURCE_NAME
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class MqttSink:
     @property
     def name(self) -> str:
         """Answers the MQTT source."""
-        return SOURCE_NAME
+        return adapters.MQTT
 
     async def begin(self, utterance: Utterance) -> None:
         """Nothing to prepare: MQTT consumers only see the chunks."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self
 
+from xiaoai_bridge import adapters
 from xiaoai_bridge.audio import AudioStore, AudioStoreError, audio_duration_s
 from xiaoai_bridge.clients.tts import TtsEngine, TtsError
 from xiaoai_bridge.clients.xiaomi.errors import XiaomiError
@@ -29,7 +30,7 @@ from xiaoai_bridge.spoken import estimate_speech_s
 
 _LOGGER = logging.getLogger(__name__)
 
-SINK_NAME = "xiaomi"
+SINK_NAME = adapters.XIAOMI
 # XiaoAi's Mandarin TTS speaks about 4.5 characters a second (xiaogpt's figure).
 DEFAULT_CHARS_PER_SECOND = 4.5
 # Cloud relay before the first sound; only added where no play status can tell the end.

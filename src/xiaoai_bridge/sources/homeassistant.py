@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from xiaoai_bridge import adapters
 from xiaoai_bridge.clients.homeassistant import (
     CONVERSATION_ENTITY_CLASS,
     ENTITY_REGISTRY_UPDATED,
@@ -25,7 +26,7 @@ from xiaoai_bridge.models import Utterance
 
 _LOGGER = logging.getLogger(__name__)
 
-SOURCE_NAME = "homeassistant"
+SOURCE_NAME = adapters.HOMEASSISTANT
 # The hass-xiaomi-miot FAQ's own guard against replayed records is "< 60 s old".
 DEFAULT_FRESHNESS_S = 60.0
 # Discovery mode re-reads every state this often, for speakers whose entity appeared without

@@ -8,13 +8,14 @@ import re
 import time
 from collections.abc import Callable
 
+from xiaoai_bridge import adapters
 from xiaoai_bridge.clients.mqtt import MqttConnection, Received
 from xiaoai_bridge.jsonwire import parse_json
 from xiaoai_bridge.models import DEFAULT_DEVICE, QuestionId, ReplyFormat, Utterance
 
 _LOGGER = logging.getLogger(__name__)
 
-SOURCE_NAME = "mqtt"
+SOURCE_NAME = adapters.MQTT
 # Matched with fullmatch: `$` would also accept a trailing newline.
 _DEVICE_RE = re.compile(r"[\w.:@-]{1,64}")
 MAX_ID_CHARS = 128

@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from xiaoai_bridge import adapters
 from xiaoai_bridge.clients.xiaomi.conversation import (
     DEFAULT_FRESHNESS_S,
     DEFAULT_LIMIT,
@@ -38,7 +39,7 @@ from xiaoai_bridge.reconnect import (
 
 _LOGGER = logging.getLogger(__name__)
 
-SOURCE_NAME = "xiaomi"
+SOURCE_NAME = adapters.XIAOMI
 DEFAULT_POLL_INTERVAL_S = 1.0
 # Each wait is the interval times a random factor in [1 - jitter, 1 + jitter], so several
 # speakers (which share one account's rate limit) drift apart instead of polling together.

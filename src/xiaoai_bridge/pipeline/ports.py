@@ -1,4 +1,4 @@
-"""The Sink seam: anything that speaks or publishes an answer."""
+"""The pipeline's ports: the Sink protocol it drives, which every sink adapter implements."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class Sink(Protocol):
 
     @property
     def name(self) -> str:
-        """Registry key; matches the `Source.name` whose utterances it answers."""
+        """Registry key; matches the `Utterance.source` (an `adapters` name) it answers."""
         ...
 
     async def begin(self, utterance: Utterance) -> None:
