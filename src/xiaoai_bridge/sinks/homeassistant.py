@@ -22,6 +22,7 @@ from xiaoai_bridge.clients.homeassistant import (
     HomeAssistantError,
 )
 from xiaoai_bridge.models import Answer, SpeechChunk, Utterance
+from xiaoai_bridge.pipeline.ports import Sink
 from xiaoai_bridge.sinks.speaker_queue import (
     DEFAULT_MERGE_MAX_CHARS,
     MAX_QUEUED_CHUNKS,
@@ -143,7 +144,7 @@ class _Speaker:
     player_changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class HomeAssistantSink:
+class HomeAssistantSink(Sink):
     """Speaks each answer's sentences on the asking speaker through a Home Assistant service.
 
     The services give no end-of-speech signal and a new text cuts off the one being spoken,

@@ -8,6 +8,7 @@ import logging
 from xiaoai_bridge import adapters
 from xiaoai_bridge.clients.mqtt import MqttConnection
 from xiaoai_bridge.models import Answer, Outcome, ReplyFormat, SpeechChunk, Utterance
+from xiaoai_bridge.pipeline.ports import Sink
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -17,7 +18,7 @@ def _dumps(data: object) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-class MqttSink:
+class MqttSink(Sink):
     """Publishes every answer twice: streamed per sentence, then whole."""
 
     def __init__(

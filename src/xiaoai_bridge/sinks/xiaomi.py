@@ -18,6 +18,7 @@ from xiaoai_bridge.clients.xiaomi.errors import XiaomiError
 from xiaoai_bridge.clients.xiaomi.mina import MinaClient
 from xiaoai_bridge.clients.xiaomi.miot import MiotClient, SpeakerActions, speaker_actions
 from xiaoai_bridge.models import Answer, QuestionId, SpeechChunk, Utterance
+from xiaoai_bridge.pipeline.ports import Sink
 from xiaoai_bridge.sinks.speaker_queue import (
     DEFAULT_MERGE_MAX_CHARS,
     MAX_QUEUED_CHUNKS,
@@ -76,7 +77,7 @@ class _Speaker:
     answering: QuestionId | None = None
 
 
-class XiaomiSink:
+class XiaomiSink(Sink):
     """Speaks answers on XiaoAi speakers through the Xiaomi cloud, one queue per speaker.
 
     `begin` silences XiaoAi's own answer at once (MiNA pause, then stop if it still plays)
