@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 
+from xiaoai_bridge import adapters
 from xiaoai_bridge.audio import AudioStore
 from xiaoai_bridge.broker import BrokerStartError, embedded_broker
 from xiaoai_bridge.clients.homeassistant import ENTITY_REGISTRY_UPDATED, HomeAssistantClient
@@ -32,7 +33,7 @@ from xiaoai_bridge.errors import ConfigError, DataDirError
 from xiaoai_bridge.http import HttpServer, open_http
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
 from xiaoai_bridge.log import register_secrets_of
-from xiaoai_bridge.models import Answer
+from xiaoai_bridge.models import Answer, XiaomiRoute
 from xiaoai_bridge.pipeline.dispatcher import Dispatcher
 from xiaoai_bridge.pipeline.inbox import Inbox
 from xiaoai_bridge.pipeline.memory import ConversationMemory
@@ -43,10 +44,8 @@ from xiaoai_bridge.sinks.homeassistant import HomeAssistantSink, resolve_speak_s
 from xiaoai_bridge.sinks.mqtt import MqttSink
 from xiaoai_bridge.sinks.xiaomi import XiaomiSink
 from xiaoai_bridge.sources.base import Source
-from xiaoai_bridge.sources.homeassistant import SOURCE_NAME as HA_SOURCE
 from xiaoai_bridge.sources.homeassistant import HomeAssistantSource
 from xiaoai_bridge.sources.mqtt import MqttSource
-from xiaoai_bridge.sources.xiaomi import SOURCE_NAME as XIAOMI_SOURCE
 from xiaoai_bridge.sources.xiaomi import XiaomiSource
 
 _LOGGER = logging.getLogger(__name__)
@@ -114,7 +113,10 @@ async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
             "[llm] api_key in the config file or the OPENAI_API_KEY environment variable"
         )
     triggers: dict[str, Trigger] = {}
-    for source, mode in ((HA_SOURCE, settings.homeassistant), (XIAOMI_SOURCE, settings.xiaomi)):
+    for source, mode in (
+        (adapters.HOMEASSISTANT, settings.homeassistant),
+        (adapters.XIAOMI, settings.xiaomi),
+    ):
         if not mode.enabled:
             continue
         triggers[source] = build_trigger(mode.trigger)
@@ -373,8 +375,9 @@ async def _add_xiaomi(service: Service, stack: contextlib.AsyncExitStack) -> Non
 
     def follow_continuous(answer: Answer) -> None:
         # Poll faster while a continuous conversation is on; it lapses with the pipeline's.
-        if answer.utterance.source == XIAOMI_SOURCE:
-            source.set_continuous(answer.utterance.device, answer.keep_listening, for_s=idle_s)
+        route = answer.utterance.route
+        if isinstance(route, XiaomiRoute):
+            source.set_continuous(route.device_id, answer.keep_listening, for_s=idle_s)
 
     service.dispatcher.add_listener(follow_continuous)
     _LOGGER.info(

@@ -12,7 +12,6 @@ import logging
 import re
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,9 +29,11 @@ from xiaoai_bridge.config import ANY_HOST, HttpSettings
 from xiaoai_bridge.errors import ConfigError
 from xiaoai_bridge.jsonwire import parse_json
 from xiaoai_bridge.metrics import BridgeMetrics
-from xiaoai_bridge.models import Answer, SpeakerId, SpeechChunk, Utterance
+from xiaoai_bridge.models import SpeakerId
 from xiaoai_bridge.pipeline.memory import source_of_legacy_device
 from xiaoai_bridge.reconnect import ConnectionState, ReconnectPolicy
+from xiaoai_bridge.sinks.web import WebSink
+from xiaoai_bridge.sources.web import WebSource
 from xiaoai_bridge.status import ConversationLog, Event
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 
-SOURCE_NAME = "http"
 # Every request body is a small JSON object; anything bigger is a mistake or an attack.
 MAX_BODY_BYTES = 64 * 1024
 MAX_ASK_CHARS = 2000
@@ -202,23 +202,6 @@ class ServedService(Protocol):
         ...
 
 
-class _HttpSink:
-    """Answers to questions asked over HTTP go nowhere but to the observers (the page)."""
-
-    @property
-    def name(self) -> str:
-        return SOURCE_NAME
-
-    async def begin(self, utterance: Utterance) -> None:
-        """Nothing to prepare."""
-
-    async def chunk(self, utterance: Utterance, chunk: SpeechChunk) -> None:
-        """The status page shows it through its observer."""
-
-    async def end(self, answer: Answer) -> None:
-        """The status page shows it through its observer."""
-
-
 class _AccessLogger(AbstractAccessLogger):
     """Request lines without the query string, which may carry the access token."""
 
@@ -247,6 +230,8 @@ class HttpServer:
             stats=lambda: service.dispatcher.stats,
         )
         self.log = ConversationLog(clock=clock)
+        # The "ask" box: an adapter like the others, with its own source and sink.
+        self._asked = WebSource(service.dispatcher.submit, clock=clock)
         self._assets: dict[str, bytes] = {}
         self._runner: web.AppRunner | None = None
         self._host_names: frozenset[str] = frozenset()
@@ -290,7 +275,7 @@ class HttpServer:
         dispatcher = self._service.dispatcher
         dispatcher.add_observer(self.metrics)
         dispatcher.add_observer(self.log)
-        dispatcher.add_sink(_HttpSink())
+        dispatcher.add_sink(WebSink())
         _LOGGER.info("HTTP server listening on port %d: status page at %s", self.port, self.url)
 
     async def stop(self) -> None:
@@ -590,14 +575,7 @@ class HttpServer:
         if len(text) > MAX_ASK_CHARS:
             raise _Rejected(400, f'"text" is longer than {MAX_ASK_CHARS} characters')
         device = _device(body, default="default")
-        utterance = Utterance(
-            text=text.strip(),
-            device=device,
-            id=f"http-{uuid.uuid4().hex[:12]}",
-            source=SOURCE_NAME,
-            said_at=self._clock(),
-        )
-        self._service.dispatcher.submit(utterance)
+        utterance = self._asked.ask(text.strip(), device)
         _LOGGER.info("question for %s asked over HTTP", device)
         return web.json_response({"id": utterance.id, "device": device}, status=202)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 DEFAULT_DEVICE = "default"
 
@@ -33,6 +34,35 @@ class ReplyFormat(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class HomeAssistantRoute:
+    """Where a Home Assistant question was heard: what its sink needs to answer it."""
+
+    kind: ClassVar[str] = "homeassistant"
+    # The speaker to answer on, and the conversation sensor that reported the question.
+    media_player: str
+    sensor: str
+    # The sensor's own timestamp attribute, as Home Assistant wrote it.
+    timestamp: str
+
+
+@dataclass(frozen=True, slots=True)
+class XiaomiRoute:
+    """Which Xiaomi speaker heard a question: what the Xiaomi sink needs to answer it."""
+
+    kind: ClassVar[str] = "xiaomi"
+    device_id: str
+    # The model (e.g. "LX06"), which picks the speaker's MIoT actions.
+    hardware: str
+    miot_did: str
+    # As the Mi Home app shows it, for logs.
+    name: str
+
+
+# What a source tells its own sink about where an utterance came from (None: nothing).
+Route = HomeAssistantRoute | XiaomiRoute
+
+
+@dataclass(frozen=True, slots=True)
 class Utterance:
     """One thing said to a speaker, as a source heard it."""
 
@@ -45,8 +75,10 @@ class Utterance:
     rejected: str = ""
     # Seconds since the epoch when it was said, if the source knows (for latency figures).
     said_at: float | None = None
-    # Sources may carry their own routing data (e.g. a media_player entity) for their sink.
-    extra: dict[str, str] = field(default_factory=dict)
+    # Set by a source whose sink needs to know more than the device to answer.
+    route: Route | None = None
+    # What XiaoAi itself answered, when the source saw it (the bridge speaks over it).
+    xiaoai_answer: str = ""
 
     @property
     def speaker(self) -> SpeakerId:

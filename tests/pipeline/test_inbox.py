@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import stat
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from xiaoai_bridge.models import ReplyFormat, Utterance
+from xiaoai_bridge.models import HomeAssistantRoute, ReplyFormat, Utterance, XiaomiRoute
 from xiaoai_bridge.pipeline.inbox import Inbox, decode_utterance, encode_utterance
 
+names = st.text(max_size=12)
+routes = st.one_of(
+    st.none(),
+    st.builds(HomeAssistantRoute, media_player=names, sensor=names, timestamp=names),
+    st.builds(XiaomiRoute, device_id=names, hardware=names, miot_did=names, name=names),
+)
 utterances = st.builds(
     Utterance,
     text=st.text(max_size=50),
@@ -21,7 +29,8 @@ utterances = st.builds(
     reply_format=st.sampled_from(list(ReplyFormat)),
     rejected=st.sampled_from(["", "too_long", "bad_input"]),
     said_at=st.one_of(st.none(), st.floats(0, 2e9)),
-    extra=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
+    route=routes,
+    xiaoai_answer=st.text(max_size=8),
 )
 
 
@@ -66,3 +75,62 @@ async def test_an_unreadable_row_is_dropped(tmp_path: Path) -> None:
     await box.open()
     assert box.count() == 1  # the bad row is gone, the good one stays
     await box.close()
+
+
+def old_row(source: str, extra: dict[str, str]) -> str:
+    """An inbox row as written before routes were typed: a free-form `extra` dict."""
+    return json.dumps(
+        {
+            "text": "问题",
+            "device": "d1",
+            "id": "q1",
+            "source": source,
+            "reply_format": "plain",
+            "rejected": "",
+            "said_at": 1.5,
+            "extra": extra,
+        }
+    )
+
+
+def test_a_row_of_the_old_format_keeps_its_route() -> None:
+    home = decode_utterance(
+        old_row(
+            "homeassistant",
+            {
+                "media_player": "media_player.lx06",
+                "sensor": "sensor.lx06_conversation",
+                "timestamp": "2026-11-29T12:00:00+00:00",
+                "xiaoai_answer": "今天晴",
+            },
+        )
+    )
+    assert home.route == HomeAssistantRoute(
+        media_player="media_player.lx06",
+        sensor="sensor.lx06_conversation",
+        timestamp="2026-11-29T12:00:00+00:00",
+    )
+    assert home.xiaoai_answer == "今天晴"
+    xiaomi = decode_utterance(
+        old_row(
+            "xiaomi",
+            {"device_id": "dev-1", "hardware": "LX06", "miot_did": "123", "name": "小爱音箱Pro"},
+        )
+    )
+    assert xiaomi.route == XiaomiRoute(
+        device_id="dev-1", hardware="LX06", miot_did="123", name="小爱音箱Pro"
+    )
+    assert xiaomi.xiaoai_answer == ""
+    plain = decode_utterance(old_row("mqtt", {}))
+    assert (plain.route, plain.text, plain.said_at) == (None, "问题", 1.5)
+
+
+@pytest.mark.parametrize(
+    "route",
+    [{"kind": "zigbee", "device_id": "x"}, {"kind": "xiaomi", "device_id": "x"}, "xiaomi"],
+)
+def test_an_unreadable_route_is_an_error(route: object) -> None:
+    row = json.loads(encode_utterance(Utterance("问题", id="q1")))
+    row["route"] = route
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        decode_utterance(json.dumps(row))

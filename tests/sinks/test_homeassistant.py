@@ -16,7 +16,7 @@ from tests.fakes.homeassistant_server import (
     RecordedCall,
 )
 from xiaoai_bridge.clients.homeassistant import HomeAssistantClient, HomeAssistantCommandError
-from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
+from xiaoai_bridge.models import Answer, HomeAssistantRoute, Outcome, SpeechChunk, Utterance
 from xiaoai_bridge.reconnect import ReconnectPolicy
 from xiaoai_bridge.sinks.homeassistant import (
     INTELLIGENT_SPEAKER,
@@ -55,7 +55,11 @@ def question(speaker: FakeSpeaker, qid: str = "q1") -> Utterance:
         device=speaker.media_player,
         id=qid,
         source="homeassistant",
-        extra={"media_player": speaker.media_player, "sensor": speaker.sensor},
+        route=HomeAssistantRoute(
+            media_player=speaker.media_player,
+            sensor=speaker.sensor,
+            timestamp="2026-11-29T12:00:00+00:00",
+        ),
     )
 
 

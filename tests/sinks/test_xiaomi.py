@@ -18,7 +18,7 @@ from xiaoai_bridge.clients.xiaomi import new_session
 from xiaoai_bridge.clients.xiaomi.auth import XiaomiAuth
 from xiaoai_bridge.clients.xiaomi.mina import MinaClient
 from xiaoai_bridge.clients.xiaomi.miot import MiotClient, SpeakerActions
-from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
+from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance, XiaomiRoute
 from xiaoai_bridge.pipeline.ports import Sink
 from xiaoai_bridge.sinks.xiaomi import XiaomiSink
 from xiaoai_bridge.spoken import estimate_speech_s
@@ -73,12 +73,12 @@ def question(speaker: FakeSpeaker, qid: str = "q1") -> Utterance:
         device=speaker.device_id,
         id=qid,
         source="xiaomi",
-        extra={
-            "device_id": speaker.device_id,
-            "hardware": speaker.hardware,
-            "miot_did": speaker.miot_did,
-            "name": speaker.name,
-        },
+        route=XiaomiRoute(
+            device_id=speaker.device_id,
+            hardware=speaker.hardware,
+            miot_did=speaker.miot_did,
+            name=speaker.name,
+        ),
     )
 
 

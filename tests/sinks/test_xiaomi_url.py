@@ -24,7 +24,7 @@ from xiaoai_bridge.clients.xiaomi.auth import XiaomiAuth
 from xiaoai_bridge.clients.xiaomi.mina import MinaClient
 from xiaoai_bridge.config import HttpSettings, Settings
 from xiaoai_bridge.http import open_http
-from xiaoai_bridge.models import SpeechChunk, Utterance
+from xiaoai_bridge.models import SpeechChunk, Utterance, XiaomiRoute
 from xiaoai_bridge.pipeline.dispatcher import Dispatcher
 from xiaoai_bridge.sinks.xiaomi import XiaomiSink
 
@@ -94,12 +94,12 @@ def question(speaker: FakeSpeaker) -> Utterance:
         device=speaker.device_id,
         id="q1",
         source="xiaomi",
-        extra={
-            "device_id": speaker.device_id,
-            "hardware": speaker.hardware,
-            "miot_did": speaker.miot_did,
-            "name": speaker.name,
-        },
+        route=XiaomiRoute(
+            device_id=speaker.device_id,
+            hardware=speaker.hardware,
+            miot_did=speaker.miot_did,
+            name=speaker.name,
+        ),
     )
 
 

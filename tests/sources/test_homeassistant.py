@@ -19,7 +19,7 @@ from tests.fakes.homeassistant_server import (
     conversation_timestamp,
 )
 from xiaoai_bridge.clients.homeassistant import ENTITY_REGISTRY_UPDATED, HomeAssistantClient
-from xiaoai_bridge.models import Utterance
+from xiaoai_bridge.models import HomeAssistantRoute, Utterance
 from xiaoai_bridge.reconnect import ReconnectPolicy
 from xiaoai_bridge.sources.homeassistant import (
     HomeAssistantSource,
@@ -92,9 +92,11 @@ async def test_fresh_question_is_yielded(
     assert utterance.text == "机器人今天适合穿什么"
     assert utterance.source == "homeassistant"
     assert utterance.device == speaker.media_player
-    assert utterance.extra["media_player"] == speaker.media_player
-    assert utterance.extra["sensor"] == speaker.sensor
-    assert utterance.extra["xiaoai_answer"] == "今天晴"
+    assert isinstance(utterance.route, HomeAssistantRoute)
+    assert utterance.route.media_player == speaker.media_player
+    assert utterance.route.sensor == speaker.sensor
+    assert utterance.route.timestamp  # the sensor's own, as Home Assistant wrote it
+    assert utterance.xiaoai_answer == "今天晴"
     assert str(utterance.id).startswith(speaker.sensor + "@")
     assert source.speakers == {speaker.sensor: speaker.media_player}
 
@@ -357,6 +359,6 @@ async def test_hostile_sensor_states_are_refused_and_the_source_keeps_listening(
     # A hostile parent id or answer leaves the question itself valid, on the same speaker.
     assert [u.text for u in got[:-1]] == ["机器人坏数据"] * 2
     assert {u.device for u in got} == {speaker.media_player}
-    assert "xiaoai_answer" not in got[1].extra
+    assert got[1].xiaoai_answer == ""
     assert "not text" in caplog.text
     assert "in the future" in caplog.text

@@ -23,7 +23,7 @@ from xiaoai_bridge.clients.xiaomi.auth import XiaomiAuth
 from xiaoai_bridge.clients.xiaomi.conversation import ConversationClient
 from xiaoai_bridge.clients.xiaomi.mina import MinaClient, MinaDevice
 from xiaoai_bridge.errors import ConfigError
-from xiaoai_bridge.models import Utterance
+from xiaoai_bridge.models import Utterance, XiaomiRoute
 from xiaoai_bridge.reconnect import ConnectionState
 from xiaoai_bridge.sources.base import Source
 from xiaoai_bridge.sources.xiaomi import XiaomiSource, match_speakers, redact_id
@@ -113,6 +113,12 @@ async def listening(
         task.result()  # the source ended by itself: surface its error
 
 
+def route_name(utterance: Utterance) -> str:
+    """The speaker's name as the Xiaomi source hands it to its sink."""
+    assert isinstance(utterance.route, XiaomiRoute)
+    return utterance.route.name
+
+
 async def next_heard(heard: asyncio.Queue[Utterance], within_s: float = WAIT_S) -> Utterance:
     async with asyncio.timeout(within_s):
         return await heard.get()
@@ -144,13 +150,13 @@ async def test_new_record_is_yielded_once_with_its_speaker(rig: Rig) -> None:
     assert utterance.device == speaker.device_id
     assert utterance.id == record["requestId"]
     assert utterance.said_at == record["time"] / 1000
-    assert utterance.extra == {
-        "device_id": speaker.device_id,
-        "hardware": "LX06",
-        "miot_did": speaker.miot_did,
-        "name": "小爱音箱Pro",
-        "xiaoai_answer": "今天晴",
-    }
+    assert utterance.route == XiaomiRoute(
+        device_id=speaker.device_id,
+        hardware="LX06",
+        miot_did=speaker.miot_did,
+        name="小爱音箱Pro",
+    )
+    assert utterance.xiaoai_answer == "今天晴"
     # The log is read for this speaker with the real query shape.
     call = cloud.calls_to(CONVERSATION)[-1]
     assert call.query == {"source": "dialogu", "hardware": "LX06", "limit": "2"}
@@ -199,7 +205,7 @@ async def test_two_speakers_are_polled_concurrently(rig: Rig) -> None:
         got = {}
         for _ in range(2):
             utterance = await next_heard(heard)
-            got[utterance.text] = (utterance.device, utterance.extra["name"])
+            got[utterance.text] = (utterance.device, route_name(utterance))
 
     assert got == {
         "请问客厅的问题": (living.device_id, "小爱音箱Pro"),

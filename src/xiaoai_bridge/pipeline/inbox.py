@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -12,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xiaoai_bridge.models import ReplyFormat, Utterance
+from xiaoai_bridge.models import (
+    HomeAssistantRoute,
+    ReplyFormat,
+    Route,
+    Utterance,
+    XiaomiRoute,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -147,7 +154,8 @@ def encode_utterance(utterance: Utterance) -> str:
         "reply_format": utterance.reply_format.value,
         "rejected": utterance.rejected,
         "said_at": utterance.said_at,
-        "extra": utterance.extra,
+        "route": _encode_route(utterance.route),
+        "xiaoai_answer": utterance.xiaoai_answer,
     }
     return json.dumps(data, ensure_ascii=False)
 
@@ -159,6 +167,10 @@ def decode_utterance(text: str) -> Utterance:
     if not isinstance(question_id, str | int):
         raise TypeError("id must be a string or an integer")
     said_at = data.get("said_at")
+    if "extra" in data:  # a row written before routes were typed
+        route, xiaoai_answer = _legacy_route(dict(data["extra"]))
+    else:
+        route, xiaoai_answer = _decode_route(data.get("route")), str(data.get("xiaoai_answer", ""))
     return Utterance(
         text=str(data["text"]),
         device=str(data["device"]),
@@ -167,5 +179,46 @@ def decode_utterance(text: str) -> Utterance:
         reply_format=ReplyFormat(data["reply_format"]),
         rejected=str(data.get("rejected", "")),
         said_at=float(said_at) if said_at is not None else None,
-        extra={str(k): str(v) for k, v in dict(data.get("extra", {})).items()},
+        route=route,
+        xiaoai_answer=xiaoai_answer,
     )
+
+
+_ROUTES: dict[str, type[Route]] = {route.kind: route for route in (HomeAssistantRoute, XiaomiRoute)}
+
+
+def _encode_route(route: Route | None) -> dict[str, str] | None:
+    if route is None:
+        return None
+    return {"kind": route.kind, **dataclasses.asdict(route)}
+
+
+def _decode_route(data: Any) -> Route | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise TypeError("route must be an object")
+    kind = _ROUTES.get(str(data.get("kind")))
+    if kind is None:
+        raise ValueError(f"unknown route kind {data.get('kind')!r}")
+    return kind(**{field.name: str(data[field.name]) for field in dataclasses.fields(kind)})
+
+
+def _legacy_route(extra: dict[Any, Any]) -> tuple[Route | None, str]:
+    """The route and XiaoAi's answer of the free-form `extra` dict the sources used to write."""
+    get = {str(key): str(value) for key, value in extra.items()}.get
+    route: Route | None = None
+    if get("media_player"):
+        route = HomeAssistantRoute(
+            media_player=get("media_player", ""),
+            sensor=get("sensor", ""),
+            timestamp=get("timestamp", ""),
+        )
+    elif get("device_id"):
+        route = XiaomiRoute(
+            device_id=get("device_id", ""),
+            hardware=get("hardware", ""),
+            miot_did=get("miot_did", ""),
+            name=get("name", ""),
+        )
+    return route, get("xiaoai_answer", "")

@@ -21,7 +21,7 @@ from xiaoai_bridge.clients.homeassistant import (
     HomeAssistantCommandError,
     HomeAssistantError,
 )
-from xiaoai_bridge.models import Answer, SpeechChunk, Utterance
+from xiaoai_bridge.models import Answer, HomeAssistantRoute, SpeechChunk, Utterance
 from xiaoai_bridge.pipeline.ports import Sink
 from xiaoai_bridge.sinks.speaker_queue import (
     DEFAULT_MERGE_MAX_CHARS,
@@ -131,7 +131,8 @@ def refuses_responses(err: HomeAssistantCommandError) -> bool:
 
 def _media_player_of(utterance: Utterance) -> str:
     """The media_player that asked, as the Home Assistant source tells it."""
-    return str(utterance.extra.get("media_player") or utterance.device)
+    route = utterance.route
+    return route.media_player if isinstance(route, HomeAssistantRoute) else utterance.device
 
 
 @dataclass(eq=False)

@@ -17,7 +17,7 @@ from xiaoai_bridge.clients.tts import TtsEngine, TtsError
 from xiaoai_bridge.clients.xiaomi.errors import XiaomiError
 from xiaoai_bridge.clients.xiaomi.mina import MinaClient
 from xiaoai_bridge.clients.xiaomi.miot import MiotClient, SpeakerActions, speaker_actions
-from xiaoai_bridge.models import Answer, QuestionId, SpeechChunk, Utterance
+from xiaoai_bridge.models import Answer, QuestionId, SpeechChunk, Utterance, XiaomiRoute
 from xiaoai_bridge.pipeline.ports import Sink
 from xiaoai_bridge.sinks.speaker_queue import (
     DEFAULT_MERGE_MAX_CHARS,
@@ -169,16 +169,17 @@ class XiaomiSink(Sink):
             await speaker.queue.aclose()
 
     def target(self, utterance: Utterance) -> SpeakerTarget:
-        """Where to speak the answer to `utterance`; the one place reading the source's `extra`."""
-        extra = utterance.extra
-        device_id = extra.get("device_id") or utterance.device
-        hardware = extra.get("hardware", "")
+        """Where to speak the answer to `utterance`; the one place reading the source's route."""
+        route = utterance.route
+        if not isinstance(route, XiaomiRoute):  # e.g. a replayed question of unknown origin
+            route = XiaomiRoute(device_id=utterance.device, hardware="", miot_did="", name="")
+        device_id = route.device_id or utterance.device
         return SpeakerTarget(
             device_id=device_id,
-            miot_did=extra.get("miot_did", ""),
-            hardware=hardware,
-            label=_label(extra.get("name", ""), device_id),
-            actions=speaker_actions(hardware, self._models),
+            miot_did=route.miot_did,
+            hardware=route.hardware,
+            label=_label(route.name, device_id),
+            actions=speaker_actions(route.hardware, self._models),
         )
 
     def route(self, target: SpeakerTarget) -> Route:

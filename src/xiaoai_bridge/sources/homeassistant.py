@@ -22,7 +22,7 @@ from xiaoai_bridge.clients.homeassistant import (
     is_conversation_sensor,
 )
 from xiaoai_bridge.clients.homeassistant_entities import valid_entity_id
-from xiaoai_bridge.models import Utterance
+from xiaoai_bridge.models import HomeAssistantRoute, Utterance
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -312,15 +312,13 @@ class HomeAssistantSource:
         if not answer:
             return None
         stamp = raw_timestamp if isinstance(raw_timestamp, str) else repr(said_at)
-        extra = {"media_player": media_player, "sensor": sensor, "timestamp": stamp}
-        if reply := xiaoai_answer(attributes):
-            extra["xiaoai_answer"] = reply
         return Utterance(
             text=text,
             device=media_player,
             id=f"{sensor}@{round(said_at * 1000)}",
             source=self._name,
-            extra=extra,
+            route=HomeAssistantRoute(media_player=media_player, sensor=sensor, timestamp=stamp),
+            xiaoai_answer=xiaoai_answer(attributes),
             said_at=said_at,
         )
 

@@ -8,7 +8,7 @@ import math
 import random
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from xiaoai_bridge import adapters
@@ -24,7 +24,7 @@ from xiaoai_bridge.clients.xiaomi.conversation import (
 from xiaoai_bridge.clients.xiaomi.errors import XiaomiAuthError, XiaomiError
 from xiaoai_bridge.clients.xiaomi.mina import MinaClient, MinaDevice
 from xiaoai_bridge.errors import ConfigError
-from xiaoai_bridge.models import Utterance
+from xiaoai_bridge.models import Utterance, XiaomiRoute
 from xiaoai_bridge.reconnect import (
     DEFAULT_AUTH_DELAY_S,
     DEFAULT_INITIAL_DELAY_S,
@@ -109,12 +109,12 @@ class SpeakerPoller:
     device: MinaDevice
     label: str
     policy: ReconnectPolicy
+    route: XiaomiRoute
     # Clock time until which continuous conversation is on (0: off).
     continuous_until: float = 0.0
     polls: int = 0
     heard: int = 0
     last_poll: float | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     def health(self, now: float) -> dict[str, Any]:
         """State for /healthz: no ids, no tokens."""
@@ -274,12 +274,12 @@ class XiaomiSource:
                 label=label,
                 policy=self._policy(f"{self._name} {label}"),
                 continuous_until=self._continuous.get(device.device_id, 0.0),
-                extra={
-                    "device_id": device.device_id,
-                    "hardware": device.hardware,
-                    "miot_did": device.miot_did,
-                    "name": device.name or device.alias,
-                },
+                route=XiaomiRoute(
+                    device_id=device.device_id,
+                    hardware=device.hardware,
+                    miot_did=device.miot_did,
+                    name=device.name or device.alias,
+                ),
             )
             self._pollers[device.device_id] = poller
             if self._on_speaker is not None:  # e.g. for /healthz, one entry per speaker
@@ -371,12 +371,9 @@ class XiaomiSource:
         if not text:
             _LOGGER.debug("%s: %s: record without text; ignored", self._name, poller.label)
             return None
-        extra = dict(poller.extra)
         reply = next(
             (answer.text for answer in record.answers if answer.type in {"TTS", "LLM"}), ""
         )
-        if reply:
-            extra["xiaoai_answer"] = reply
         _LOGGER.debug("%s: %s heard %r", self._name, poller.label, text)
         return Utterance(
             text=text,
@@ -384,7 +381,8 @@ class XiaomiSource:
             id=record.request_id or f"{poller.device.device_id}@{record.time_ms}",
             source=self._name,
             said_at=record.time_ms / 1000,
-            extra=extra,
+            route=poller.route,
+            xiaoai_answer=reply,
         )
 
     def _runner(self, policy: ReconnectPolicy) -> ReconnectRunner:
