@@ -34,6 +34,7 @@ from xiaoai_bridge.http import HttpServer, open_http
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
 from xiaoai_bridge.log import register_secrets_of
 from xiaoai_bridge.models import Answer, XiaomiRoute
+from xiaoai_bridge.pipeline.controls import Controls
 from xiaoai_bridge.pipeline.dispatcher import Dispatcher
 from xiaoai_bridge.pipeline.inbox import Inbox
 from xiaoai_bridge.pipeline.memory import ConversationMemory
@@ -181,6 +182,11 @@ class Service:
     # Long-running jobs besides the sources, by task name (e.g. "discovery:run").
     jobs: dict[str, Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=dict)
 
+    @property
+    def controls(self) -> Controls:
+        """Answering on/off and "forget", shared by every way of asking."""
+        return self.pipeline.controls
+
 
 async def _pump(source: Source, dispatcher: Dispatcher) -> None:
     async for utterance in source.utterances():
@@ -247,7 +253,7 @@ async def _add_mqtt(service: Service, stack: contextlib.AsyncExitStack) -> None:
     if mqtt.discovery_enabled:
         discovery = HomeAssistantDiscovery(
             connection,
-            service.pipeline,
+            service.controls,
             availability_topic=mqtt.status_topic,
             prefix=mqtt.discovery_prefix,
             base_topic=mqtt.discovery_base_topic,

@@ -17,8 +17,8 @@ from xiaoai_bridge import __version__
 from xiaoai_bridge.clients.mqtt import OFFLINE, ONLINE, MqttConnection
 from xiaoai_bridge.jsonwire import parse_json
 from xiaoai_bridge.models import Answer, Outcome, SpeakerId, SpeechChunk, Utterance
+from xiaoai_bridge.pipeline.controls import Controls
 from xiaoai_bridge.pipeline.memory import source_of_legacy_device
-from xiaoai_bridge.pipeline.pipeline import Pipeline
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class HomeAssistantDiscovery:
     def __init__(
         self,
         connection: MqttConnection,
-        pipeline: Pipeline,
+        controls: Controls,
         *,
         availability_topic: str,
         prefix: str = DEFAULT_PREFIX,
@@ -127,7 +127,7 @@ class HomeAssistantDiscovery:
             if not _publishable(topic) or topic.endswith("/"):
                 raise ValueError(f"{name} must be a topic without wildcards: {topic!r}")
         self._connection = connection
-        self._pipeline = pipeline
+        self._controls = controls
         self._availability = availability_topic
         self._prefix = prefix
         self._base = base_topic
@@ -146,6 +146,8 @@ class HomeAssistantDiscovery:
         self._forget_filter = f"{base_topic}/+/forget"
         for topic_filter in self._filters:
             connection.subscribe(topic_filter)
+        # HA's switch follows answering, whoever switched it (voice, status page, HA itself).
+        controls.on_answering(lambda _on: self.publish_answering())
 
     @property
     def _filters(self) -> tuple[str, ...]:
@@ -222,8 +224,8 @@ class HomeAssistantDiscovery:
         self._publish_registry()
 
     def publish_answering(self) -> None:
-        """Publish the pipeline's answering switch state (retained)."""
-        state = PAYLOAD_ON if self._pipeline.enabled else PAYLOAD_OFF
+        """Publish the answering switch state (retained)."""
+        state = PAYLOAD_ON if self._controls.answering else PAYLOAD_OFF
         self._connection.publish(self._answering_state, state, retain=True)
 
     async def _watch_home_assistant(self) -> None:
@@ -238,11 +240,8 @@ class HomeAssistantDiscovery:
             if command not in (PAYLOAD_ON, PAYLOAD_OFF):
                 _LOGGER.warning("answering switch: unknown command %r", command[:32])
                 continue
-            self._pipeline.enabled = command == PAYLOAD_ON
-            _LOGGER.info(
-                "answering %s from Home Assistant", "on" if self._pipeline.enabled else "off"
-            )
-            self.publish_answering()
+            # Its listener publishes the new state back to HA.
+            self._controls.set_answering(command == PAYLOAD_ON, by="Home Assistant")
 
     async def _serve_forget(self) -> None:
         prefix, suffix = f"{self._base}/", "/forget"
@@ -252,8 +251,7 @@ class HomeAssistantDiscovery:
             if speaker is None:
                 _LOGGER.warning("forget button of an unknown speaker %r", object_id)
                 continue
-            dropped = await self._pipeline.memory.forget(speaker)
-            _LOGGER.info("forget button: dropped %d turns of %s's conversation", dropped, speaker)
+            await self._controls.forget(speaker, by="Home Assistant's forget button")
 
     async def _watch_registry(self) -> None:
         # Our own retained registry comes back at every (re)subscription: it brings the

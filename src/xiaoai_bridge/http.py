@@ -39,9 +39,8 @@ from xiaoai_bridge.status import ConversationLog, Event
 if TYPE_CHECKING:
     from xiaoai_bridge.audio import AudioStore
     from xiaoai_bridge.config import Settings
-    from xiaoai_bridge.discovery import HomeAssistantDiscovery
+    from xiaoai_bridge.pipeline.controls import Controls
     from xiaoai_bridge.pipeline.dispatcher import Dispatcher
-    from xiaoai_bridge.pipeline.pipeline import Pipeline
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -177,8 +176,8 @@ class ServedService(Protocol):
         ...
 
     @property
-    def pipeline(self) -> Pipeline:
-        """Answering on/off and the conversation memory."""
+    def controls(self) -> Controls:
+        """Answering on/off and "forget", shared with the voice commands and Home Assistant."""
         ...
 
     @property
@@ -189,11 +188,6 @@ class ServedService(Protocol):
     @property
     def connections(self) -> Mapping[str, ReconnectPolicy]:
         """Adapter name -> its connection's state, for /healthz."""
-        ...
-
-    @property
-    def discovery(self) -> HomeAssistantDiscovery | None:
-        """Home Assistant's entities, kept in step when answering is switched here."""
         ...
 
     @property
@@ -276,6 +270,14 @@ class HttpServer:
         dispatcher.add_observer(self.metrics)
         dispatcher.add_observer(self.log)
         dispatcher.add_sink(WebSink())
+        # The page shows every switch and forget, whoever asked (voice, Home Assistant, here).
+        controls = self._service.controls
+        controls.on_answering(lambda on: self.log.publish("answering", {"enabled": on}))
+        controls.on_forget(
+            lambda speaker, turns: self.log.publish(
+                "forgot", {"source": speaker.source, "device": speaker.device, "turns": turns}
+            )
+        )
         _LOGGER.info("HTTP server listening on port %d: status page at %s", self.port, self.url)
 
     async def stop(self) -> None:
@@ -302,7 +304,7 @@ class HttpServer:
             "status": "ok" if not down else "unavailable",
             "down": down,
             "adapters": adapters,
-            "answering": self._service.pipeline.enabled,
+            "answering": self._service.controls.answering,
             "in_flight": self._service.dispatcher.in_flight,
         }
 
@@ -584,11 +586,7 @@ class HttpServer:
         enabled = body["enabled"]
         if not isinstance(enabled, bool):
             raise _Rejected(400, '"enabled" must be true or false')
-        self._service.pipeline.enabled = enabled
-        if self._service.discovery is not None:
-            self._service.discovery.publish_answering()  # keep HA's switch in step
-        _LOGGER.info("answering switched %s over HTTP", "on" if enabled else "off")
-        self.log.publish("answering", {"enabled": enabled})
+        self._service.controls.set_answering(enabled, by="the status page")
         return web.json_response({"enabled": enabled})
 
     async def _forget(self, request: web.Request) -> web.Response:
@@ -600,9 +598,7 @@ class HttpServer:
         if not isinstance(source, str) or not DEVICE_RE.fullmatch(source):
             raise _Rejected(400, '"source" must be an adapter name such as "mqtt"')
         speaker = SpeakerId(source, device)
-        turns = await self._service.pipeline.memory.forget(speaker)
-        _LOGGER.info("forgot %d turns of %s's conversation (HTTP)", turns, speaker)
-        self.log.publish("forgot", {"source": source, "device": device, "turns": turns})
+        turns = await self._service.controls.forget(speaker, by="the status page")
         return web.json_response({"source": source, "device": device, "forgotten": turns})
 
 

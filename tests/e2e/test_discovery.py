@@ -294,7 +294,7 @@ async def test_switch_turns_answering_off_and_on_end_to_end(
 
         await ha.publish(switch["command_topic"], switch["payload_off"])
         await ha.value(switch["state_topic"], b"OFF")
-        assert service.pipeline.enabled is False
+        assert service.controls.answering is False
         await probe.ask({"text": "关着的时候问", "device": "kitchen", "id": "off"})
         await eventually(lambda: "off" in finished)
         assert (finished["off"].outcome, finished["off"].reason) == (Outcome.IGNORED, "disabled")
@@ -441,7 +441,22 @@ async def test_answering_switched_on_the_status_page_shows_in_home_assistant(
         ):
             assert response.status == 200
         await ha.value(switch["state_topic"], b"OFF")
-        assert service.pipeline.enabled is False
+        assert service.controls.answering is False
+
+
+async def test_answering_switched_in_home_assistant_shows_on_the_status_page(
+    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI
+) -> None:
+    settings = make_settings(tmp_path, mosquitto, llm)
+    async with home_assistant(mosquitto) as ha, running(settings) as service:
+        assert service.http is not None
+        switch = await ha.config("switch", "answering")
+        with service.http.log.subscribe() as page:
+            await ha.publish(switch["command_topic"], switch["payload_off"])
+            async with asyncio.timeout(WAIT_S):
+                events = await page.next_batch()
+        assert [(e.kind, e.data) for e in events] == [("answering", {"enabled": False})]
+        assert service.http.state()["answering"] is False
 
 
 async def test_speakers_past_the_limit_are_warned_about_once_and_counted(

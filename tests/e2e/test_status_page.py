@@ -172,10 +172,10 @@ async def test_status_page_shows_live_answers_masks_secrets_and_its_controls_wor
     switch = page.locator("label.switch")
     await switch.click()
     await expect(page.locator("#toast")).to_contain_text("switched off")
-    assert bridge.service.pipeline.enabled is False
+    assert bridge.service.controls.answering is False
     await switch.click()
     await expect(page.locator("#toast")).to_contain_text("switched on")
-    assert bridge.service.pipeline.enabled is True
+    assert bridge.service.controls.answering is True
     await kitchen.get_by_role("button", name="Forget").click()
     await expect(page.locator("#toast")).to_contain_text("kitchen: forgot 1 turn")
     assert await bridge.service.pipeline.memory.history(SpeakerId("mqtt", "kitchen")) == []
@@ -262,7 +262,7 @@ async def test_a_page_of_another_site_cannot_drive_or_read_the_status_page(
             bridge.base + "/",
         )
         assert attempts == ["opaque", "opaque", "opaque", "refused"]
-        assert bridge.service.pipeline.enabled is True
+        assert bridge.service.controls.answering is True
         assert len(await bridge.service.pipeline.memory.history(SpeakerId("mqtt", "den"))) == 2
         assert len(llm.requests) == 1
 

@@ -130,7 +130,7 @@ async def test_disabled_pipeline_ignores_everything(
     pipeline: tuple[Pipeline, Clock], llm: FakeOpenAI
 ) -> None:
     pipe, _ = pipeline
-    pipe.enabled = False
+    pipe.controls.set_answering(False, by="a test")
     answer = await pipe.handle(said("机器人你好"), Recorder())
     assert (answer.outcome, answer.reason) == (Outcome.IGNORED, "disabled")
     assert llm.request_count == 0

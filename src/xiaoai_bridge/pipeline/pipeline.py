@@ -14,6 +14,7 @@ from xiaoai_bridge.errors import BridgeError, LLMError
 from xiaoai_bridge.llm.base import ChatBackend, ChatMessage
 from xiaoai_bridge.models import Answer, Outcome, SpeakerId, SpeechChunk, Utterance
 from xiaoai_bridge.pipeline.chunker import DEFAULT_FIRST_CLAUSE_CHARS, SentenceChunker
+from xiaoai_bridge.pipeline.controls import Controls
 from xiaoai_bridge.pipeline.memory import ConversationMemory
 from xiaoai_bridge.pipeline.ports import Sink
 from xiaoai_bridge.pipeline.speech import SpeechCleaner
@@ -91,6 +92,7 @@ class Pipeline:
         settings: PipelineSettings,
         default_trigger: Trigger,
         clock: Callable[[], float] = time.monotonic,
+        controls: Controls | None = None,
     ) -> None:
         self._backend = backend
         self._memory = memory
@@ -101,7 +103,8 @@ class Pipeline:
         self._continuous_stop = _command_set(settings.continuous_stop_commands)
         # Speaker -> clock time when its continuous conversation lapses.
         self._continuous: dict[SpeakerId, float] = {}
-        self.enabled = True
+        # Answering on/off and "forget", shared with the status page and Home Assistant.
+        self.controls = controls or Controls(memory)
         self._llm_slots = asyncio.Semaphore(settings.max_concurrent_llm)
         self._clock = clock
 
@@ -117,7 +120,7 @@ class Pipeline:
             )
             await run.say(apology_for(utterance.rejected), final=True)
             return await run.end(Outcome.FAILED, reason=utterance.rejected)
-        if not self.enabled:
+        if not self.controls.answering:
             return await run.end(Outcome.IGNORED, reason="disabled")
         device = utterance.device
         triggers = self._settings.triggers
@@ -141,15 +144,14 @@ class Pipeline:
             await run.say(WAKE_ONLY_REPLY, final=True)
             return await run.end(Outcome.COMMAND, reason="wake_only")
         if _normalize_command(question) in self._forget:
-            dropped = await self._memory.forget(speaker)
-            _LOGGER.info("forgot %d turns of %s's conversation", dropped, speaker)
+            await self.controls.forget(speaker, by="voice")
             await run.say(FORGET_REPLY, final=True)
             return await run.end(Outcome.COMMAND, reason="forget")
         return await self._ask(run, question)
 
     @property
     def memory(self) -> ConversationMemory:
-        """The conversation memory (for "forget" buttons)."""
+        """The conversation memory (forgetting goes through `controls`)."""
         return self._memory
 
     def continuous(self, speaker: SpeakerId) -> bool:
