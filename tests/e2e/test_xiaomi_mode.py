@@ -27,6 +27,7 @@ from xiaoai_bridge.config import (
     XiaomiEndpoints,
     XiaomiSettings,
 )
+from xiaoai_bridge.sources.xiaomi import XiaomiSource
 
 
 @pytest.fixture
@@ -149,6 +150,29 @@ async def test_continuous_conversation_wakes_the_speaker(
         await wait_until(lambda: len(cloud.tts_texts()) == 2)
         await wait_until(lambda: len(cloud.action_calls) >= 2)  # woken after each answer
     assert [r.last_user_message for r in llm.requests] == ["没有关键词也回答"]
+
+
+async def test_a_continuous_conversation_started_by_voice_reaches_the_xiaomi_poller(
+    tmp_path: Path, cloud: FakeXiaomiCloud, llm: FakeOpenAI
+) -> None:
+    # The answer reaches the Xiaomi source by its typed route, not by a source-name match.
+    llm.answer = "回答。"
+    stop = asyncio.Event()
+    async with open_service(xiaomi_settings(tmp_path, cloud, llm)) as service:
+        serving = asyncio.create_task(serve(service, stop))
+        [source] = service.sources
+        assert isinstance(source, XiaomiSource)
+
+        def continuous() -> bool:
+            speakers = source.health()["speakers"]
+            return bool(speakers[cloud.speaker.name]["continuous"])
+
+        await wait_until(lambda: len(cloud.calls_to("conversation")) >= 2)
+        assert not continuous()
+        cloud.say("开始持续对话")
+        await wait_until(continuous)
+        stop.set()
+        await serving
 
 
 async def test_wrong_password_stops_the_service_with_its_code(
