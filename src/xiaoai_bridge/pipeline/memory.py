@@ -7,10 +7,12 @@ import concurrent.futures
 import logging
 import re
 import sqlite3
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from xiaoai_bridge.errors import DataDirError
 from xiaoai_bridge.llm.base import ChatMessage
@@ -19,6 +21,9 @@ from xiaoai_bridge.spoken import is_wide
 
 _LOGGER = logging.getLogger(__name__)
 _T = TypeVar("_T")
+# Speakers whose recent turns stay in memory; beyond it the least recently active are read
+# from disk again when they next speak.
+MAX_CACHED_SPEAKERS = 1_024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS turns (
@@ -64,6 +69,12 @@ class ConversationMemory:
         self._max_tokens = max_tokens
         self._db: sqlite3.Connection | None = None
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
+        # Turns waiting to be written, and whether a batch job is queued or running.
+        self._writes: list[tuple[SpeakerId, str, str, float]] = []
+        self._writes_lock = threading.Lock()
+        self._writing = False
+        # The turns of recently active speakers, oldest first: most questions need no read.
+        self._recent: OrderedDict[SpeakerId, list[tuple[str, str]]] = OrderedDict()
 
     def open(self) -> None:
         """Create or open the database (":memory:" when no path was given)."""
@@ -122,23 +133,54 @@ class ConversationMemory:
         """The remembered turns, oldest first, within the turn and token budgets."""
         if not self.enabled:
             return []
-        return await self._run(self._history, speaker)
+        turns = self._recent.get(speaker)
+        if turns is None:
+            turns = await self._run(self._load, speaker)
+            self._keep(speaker, turns)
+        else:
+            self._recent.move_to_end(speaker)
+        return self._within_budget(turns)
 
     async def remember(self, speaker: SpeakerId, question: str, answer: str) -> None:
-        """Store one turn and drop the ones beyond the turn budget."""
-        if self.enabled:
-            await self._run(self._remember, speaker, question, answer)
+        """Store one turn and drop the ones beyond the turn budget.
+
+        The write is queued on the memory's thread, not awaited: the next question of this
+        speaker reads the turns kept in memory, and queued writes run in order.
+        """
+        if not self.enabled:
+            return
+        turns = self._recent.get(speaker)
+        if turns is not None:
+            turns.append((question, answer))
+            del turns[: -self._max_turns]
+        with self._writes_lock:
+            self._writes.append((speaker, question, answer, time.time()))
+            if self._writing:
+                return  # the running batch takes it
+            self._writing = True
+        self._submit(self._write_batches)
 
     async def forget(self, speaker: SpeakerId) -> int:
         """Clear a speaker's conversation; return how many turns were dropped."""
+        self._recent.pop(speaker, None)
         return await self._run(self._forget, speaker)
 
     async def _run(self, call: Callable[..., _T], *args: object) -> _T:
+        return await asyncio.wrap_future(self._submit(call, *args))
+
+    def _submit(self, call: Callable[..., _T], *args: object) -> concurrent.futures.Future[_T]:
         if self._thread is None:
             raise RuntimeError("ConversationMemory used before open()")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
+        future = self._thread.submit(call, *args)
+        future.add_done_callback(_log_failure)
+        return future
 
-    def _history(self, speaker: SpeakerId) -> list[ChatMessage]:
+    def _keep(self, speaker: SpeakerId, turns: list[tuple[str, str]]) -> None:
+        self._recent[speaker] = turns
+        while len(self._recent) > MAX_CACHED_SPEAKERS:
+            self._recent.popitem(last=False)
+
+    def _load(self, speaker: SpeakerId) -> list[tuple[str, str]]:
         rows = (
             self._conn()
             .execute(
@@ -148,9 +190,12 @@ class ConversationMemory:
             )
             .fetchall()
         )
+        return [(question, answer) for question, answer in reversed(rows)]
+
+    def _within_budget(self, turns: list[tuple[str, str]]) -> list[ChatMessage]:
         kept: list[tuple[str, str]] = []
         budget = self._max_tokens
-        for question, answer in rows:  # newest first: the most recent turns matter most
+        for question, answer in reversed(turns):  # newest first: recent turns matter most
             cost = estimate_tokens(question) + estimate_tokens(answer)
             if cost > budget:
                 break
@@ -162,20 +207,36 @@ class ConversationMemory:
             messages.append(ChatMessage("assistant", answer))
         return messages
 
-    def _remember(self, speaker: SpeakerId, question: str, answer: str) -> None:
-        db = self._conn()
+    def _write_batches(self) -> None:
+        # On the memory thread: every turn queued meanwhile goes in one transaction, so a
+        # busy bridge pays one thread hand-over and one commit per batch, not per answer.
+        while True:
+            with self._writes_lock:
+                batch, self._writes = self._writes, []
+                if not batch:
+                    self._writing = False
+                    return
+            db = self._conn()
+            db.execute("BEGIN")
+            try:
+                for speaker, question, answer, created in batch:
+                    self._insert(db, speaker, question, answer, created)
+            finally:
+                db.execute("COMMIT")
+
+    def _insert(
+        self, db: sqlite3.Connection, speaker: SpeakerId, question: str, answer: str, at: float
+    ) -> None:
         key = (speaker.source, speaker.device)
-        db.execute("BEGIN")
         db.execute(
             "INSERT INTO turns (source, device, question, answer, created) VALUES (?, ?, ?, ?, ?)",
-            (*key, question, answer, time.time()),
+            (*key, question, answer, at),
         )
         db.execute(
             "DELETE FROM turns WHERE source = ? AND device = ? AND id NOT IN "
             "(SELECT id FROM turns WHERE source = ? AND device = ? ORDER BY id DESC LIMIT ?)",
             (*key, *key, self._max_turns),
         )
-        db.execute("COMMIT")
 
     def _forget(self, speaker: SpeakerId) -> int:
         cursor = self._conn().execute(
@@ -187,6 +248,12 @@ class ConversationMemory:
         if self._db is None:
             raise RuntimeError("ConversationMemory used before open()")
         return self._db
+
+
+def _log_failure(future: concurrent.futures.Future[Any]) -> None:
+    error = None if future.cancelled() else future.exception()
+    if error is not None:
+        _LOGGER.warning("memory: a database call failed: %s", error)
 
 
 def _open_error(path: Path | None, err: sqlite3.Error | OSError) -> DataDirError:
