@@ -50,6 +50,22 @@ async def run_cli(
     return proc.returncode, out.decode(), err.decode()
 
 
+async def spawn_run(
+    tmp_path: Path, config: Path, *, stderr: int = asyncio.subprocess.DEVNULL
+) -> asyncio.subprocess.Process:
+    """`xiaoai-bridge run --config <config>` as a user starts it, in a clean environment."""
+    return await asyncio.create_subprocess_exec(
+        *EXE,
+        "run",
+        "--config",
+        str(config),
+        env=clean_env(tmp_path),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=stderr,
+    )
+
+
 def write_config(tmp_path: Path, broker_url: str, llm: FakeOpenAI) -> Path:
     path = tmp_path / "bridge.toml"
     path.write_text(
@@ -204,17 +220,7 @@ async def test_run_never_logs_secrets(
 async def test_a_killed_bridge_is_announced_offline_by_its_last_will(
     tmp_path: Path, llm: FakeOpenAI, mosquitto: Mosquitto
 ) -> None:
-    config = write_config(tmp_path, mosquitto.url, llm)
-    proc = await asyncio.create_subprocess_exec(
-        *EXE,
-        "run",
-        "--config",
-        str(config),
-        env=clean_env(tmp_path),
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await spawn_run(tmp_path, write_config(tmp_path, mosquitto.url, llm))
     statuses: list[bytes] = []
     async with asyncio.timeout(20), aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
         await client.subscribe("xiaoai-bridge/status", qos=1)

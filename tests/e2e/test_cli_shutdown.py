@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli import EXE, clean_env
+from tests.e2e.test_cli import spawn_run
 from tests.fakes.mosquitto import Mosquitto
 from tests.fakes.openai_server import FakeOpenAI
 
@@ -35,16 +35,7 @@ async def test_stops_promptly_while_the_broker_refuses_the_login(
         encoding="utf-8",
     )
     config.chmod(0o600)
-    proc = await asyncio.create_subprocess_exec(
-        *EXE,
-        "run",
-        "--config",
-        str(config),
-        env=clean_env(tmp_path),
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await spawn_run(tmp_path, config, stderr=asyncio.subprocess.PIPE)
     assert proc.stderr is not None
     log: list[str] = []
     try:

@@ -15,7 +15,7 @@ import aiomqtt
 import pytest
 
 from tests.conftest import API_KEY, Bridge, Probe, make_settings
-from tests.e2e.test_cli import EXE, clean_env
+from tests.e2e.test_cli import spawn_run
 from tests.fakes.mosquitto import Mosquitto
 from tests.fakes.openai_server import FakeOpenAI
 from xiaoai_bridge import app
@@ -175,16 +175,7 @@ def _config(tmp_path: Path, broker: Mosquitto, llm: FakeOpenAI) -> Path:
 
 
 async def _start(tmp_path: Path, config: Path, probe: Probe) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        *EXE,
-        "run",
-        "--config",
-        str(config),
-        env=clean_env(tmp_path),
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await spawn_run(tmp_path, config)
     await probe.wait_status("online", WAIT_S)
     return proc
 
