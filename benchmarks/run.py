@@ -112,23 +112,29 @@ async def bridge(broker: Mosquitto, llm_url: str, work: Path) -> AsyncIterator[B
         "max_retries = 0\n[http]\nport = 0\n",
         encoding="utf-8",
     )
+    config.chmod(0o600)  # it holds the API key; the service warns otherwise
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "XIAOAI_"))}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "xiaoai_bridge.cli", "run", "--config", str(config), env=env
     )
     try:
-        async with (
-            aiomqtt.Client(broker.host, broker.port) as client,
-            asyncio.timeout(READY_TIMEOUT_S),
-        ):
-            await client.subscribe("xiaoai-bridge/status", qos=1)
-            async for message in client.messages:
-                if message.payload == b"online":
-                    break
+        await wait_online(broker)
         yield BridgeProcess(proc)
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def wait_online(broker: Mosquitto) -> None:
+    """Return once a bridge has announced itself online on `broker`."""
+    async with (
+        aiomqtt.Client(broker.host, broker.port) as client,
+        asyncio.timeout(READY_TIMEOUT_S),
+    ):
+        await client.subscribe("xiaoai-bridge/status", qos=1)
+        async for message in client.messages:
+            if message.payload == b"online":
+                return
 
 
 @dataclass

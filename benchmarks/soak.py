@@ -21,10 +21,10 @@ from benchmarks.run import (
     BROKER_CONFIG,
     NODELAY,
     QUESTION_TOPIC,
-    READY_TIMEOUT_S,
     REPLY_TOPIC,
     Row,
     fake_llm,
+    wait_online,
 )
 from xiaoai_bridge.pipeline.pipeline import APOLOGIES
 
@@ -94,6 +94,7 @@ async def service(broker: Mosquitto, llm_url: str, work: Path) -> AsyncIterator[
         "max_retries = 0\n[http]\nport = 0\n",
         encoding="utf-8",
     )
+    config.chmod(0o600)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "XIAOAI_"))}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -109,14 +110,7 @@ async def service(broker: Mosquitto, llm_url: str, work: Path) -> AsyncIterator[
     sampler = asyncio.create_task(running.sample_rss())
     reader = asyncio.create_task(running.read_log())
     try:
-        async with (
-            aiomqtt.Client(broker.host, broker.port) as client,
-            asyncio.timeout(READY_TIMEOUT_S),
-        ):
-            await client.subscribe("xiaoai-bridge/status", qos=1)
-            async for message in client.messages:
-                if message.payload == b"online":
-                    break
+        await wait_online(broker)
         yield running
     finally:
         sampler.cancel()
