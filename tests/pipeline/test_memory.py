@@ -120,3 +120,16 @@ async def test_rows_from_before_sources_migrate_to_the_source_their_device_names
         assert [m.content for m in await memory.history(speaker)] == [question, "a" + question[1:]]
     memory.close()
     assert source_of_legacy_device("kitchen") == "mqtt"
+
+
+async def test_the_database_keeps_only_the_last_turns_of_each_speaker(tmp_path: Path) -> None:
+    path = tmp_path / "memory.sqlite3"
+    memory = open_memory(path, max_turns=3)
+    a, b = SpeakerId("mqtt", "a"), SpeakerId("mqtt", "b")
+    for n in range(7):  # written in batches on the memory thread, trimmed per batch
+        await memory.remember(a, f"qa{n}", f"aa{n}")
+        await memory.remember(b, f"qb{n}", f"ab{n}")
+    memory.close()
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT device, question FROM turns ORDER BY id").fetchall()
+    assert rows == [(d, f"q{d}{n}") for n in (4, 5, 6) for d in "ab"]
