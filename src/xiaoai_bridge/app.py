@@ -197,7 +197,7 @@ async def _pump(source: Source, dispatcher: Dispatcher) -> None:
 async def open_inbox(settings: Settings) -> AsyncIterator[Inbox]:
     """The durable inbox of accepted questions in the data dir."""
     inbox = Inbox(settings.data_dir / INBOX_FILE)
-    await inbox.open()
+    inbox.open()
     try:
         yield inbox
     finally:
@@ -426,7 +426,7 @@ async def serve(service: Service, stop: asyncio.Event) -> None:
     async with asyncio.TaskGroup() as group:
         if service.mqtt is not None:
             connection_task = group.create_task(service.mqtt.run(), name="mqtt:connection")
-        await service.dispatcher.resume()
+        service.dispatcher.resume()
         pumps = [
             group.create_task(_pump(source, service.dispatcher), name=f"{source.name}:source")
             for source in service.sources

@@ -69,7 +69,7 @@ def question(text: str, device: str = "d1", source: str = "test") -> Utterance:
 @pytest.fixture
 async def inbox(tmp_path: Path) -> AsyncIterator[Inbox]:
     box = Inbox(tmp_path / "inbox.sqlite3")
-    await box.open()
+    box.open()
     yield box
     await box.close()
 
@@ -99,7 +99,7 @@ async def test_a_question_is_on_disk_from_admit_until_answered(inbox: Inbox) -> 
     backend.gate("q1").set()
     await dispatcher.drain()
     await inbox.close()  # writes the batch of answered entries
-    await inbox.open()
+    inbox.open()
     assert inbox.pending() == []
 
 
@@ -108,7 +108,7 @@ async def test_a_cancelled_answer_stays_in_the_inbox_and_the_next_run_resumes_it
 ) -> None:
     path = tmp_path / "inbox.sqlite3"
     first = Inbox(path)
-    await first.open()
+    first.open()
     backend = GatedBackend()
     dispatcher = Dispatcher(make_pipeline(backend), {"test": Recorder()}, inbox=first)
     dispatcher.admit(question("q1"))
@@ -118,13 +118,13 @@ async def test_a_cancelled_answer_stays_in_the_inbox_and_the_next_run_resumes_it
     await first.close()
 
     second = Inbox(path)
-    await second.open()
+    second.open()
     backend = GatedBackend()
     sink = Recorder()
     dispatcher = Dispatcher(
         make_pipeline(backend), {"test": sink}, inbox=second, resume_freshness_s=60
     )
-    await dispatcher.resume()
+    dispatcher.resume()
     backend.gate("q1").set()
     backend.gate("q2").set()
     await dispatcher.drain()
@@ -136,7 +136,7 @@ async def test_a_cancelled_answer_stays_in_the_inbox_and_the_next_run_resumes_it
 async def test_resume_drops_stale_questions_and_unknown_sources(tmp_path: Path) -> None:
     now = [1000.0]
     box = Inbox(tmp_path / "inbox.sqlite3", clock=lambda: now[0])
-    await box.open()
+    box.open()
     box.add(question("old"))
     now[0] += 50
     box.add(question("fresh"))
@@ -152,12 +152,12 @@ async def test_resume_drops_stale_questions_and_unknown_sources(tmp_path: Path) 
         resume_freshness_s=60,
         clock=lambda: now[0],
     )
-    await dispatcher.resume()
+    dispatcher.resume()
     await dispatcher.drain()
     assert [a.utterance.id for a in sink.answers] == ["fresh"]
     assert (dispatcher.stats.resumed, dispatcher.stats.dropped_stale) == (1, 2)
     await box.close()
-    await box.open()
+    box.open()
     assert box.pending() == []  # dropped ones are gone for good
     await box.close()
 
@@ -229,7 +229,7 @@ async def test_a_busy_reply_not_yet_sent_is_recorded_and_sent_by_the_next_run(
     again = GatedBackend()
     again.gate("q").set()
     resumed = Dispatcher(make_pipeline(again), {"test": sink}, inbox=inbox)
-    await resumed.resume()
+    resumed.resume()
     await resumed.drain()
     texts = {a.utterance.id: a.text for a in sink.answers}
     assert texts["r"] == APOLOGIES["busy"]

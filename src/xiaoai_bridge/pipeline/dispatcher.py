@@ -102,8 +102,7 @@ class Dispatcher:
 
     def admit(self, utterance: Utterance) -> None:
         """Accept durably or refuse as busy; returns when the source may acknowledge it."""
-        if self._sinks.get(utterance.source) is None:
-            _LOGGER.error("no sink for source %r; utterance dropped", utterance.source)
+        if not self._routable(utterance):
             return
         if (
             self._max_pending is not None
@@ -114,24 +113,12 @@ class Dispatcher:
             return
         self._enqueue(_Job(utterance, self._record(utterance)))
 
-    def _record(self, utterance: Utterance) -> int | None:
-        if self._inbox is None:
-            return None
-        try:
-            return self._inbox.add(utterance).id
-        except sqlite3.Error as err:
-            # A full or broken disk must not cost the answer: keep it in memory only.
-            _LOGGER.warning("could not record a question in the inbox: %s", err)
-            return None
-
     def submit(self, utterance: Utterance) -> None:
         """Queue an utterance in memory only; never blocks, never drops."""
-        if self._sinks.get(utterance.source) is None:
-            _LOGGER.error("no sink for source %r; utterance dropped", utterance.source)
-            return
-        self._enqueue(_Job(utterance))
+        if self._routable(utterance):
+            self._enqueue(_Job(utterance))
 
-    async def resume(self) -> None:
+    def resume(self) -> None:
         """Queue again what an earlier run accepted and left unanswered, if still fresh."""
         if self._inbox is None:
             return
@@ -165,6 +152,22 @@ class Dispatcher:
         for worker in workers:
             worker.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+
+    def _routable(self, utterance: Utterance) -> bool:
+        if self._sinks.get(utterance.source) is None:
+            _LOGGER.error("no sink for source %r; utterance dropped", utterance.source)
+            return False
+        return True
+
+    def _record(self, utterance: Utterance) -> int | None:
+        if self._inbox is None:
+            return None
+        try:
+            return self._inbox.add(utterance).id
+        except sqlite3.Error as err:
+            # A full or broken disk must not cost the answer: keep it in memory only.
+            _LOGGER.warning("could not record a question in the inbox: %s", err)
+            return None
 
     def _enqueue(self, job: _Job) -> None:
         self._pending += 1

@@ -69,7 +69,7 @@ class Inbox:
         self._done: list[int] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def open(self) -> None:
+    def open(self) -> None:
         """Create or open the database (in memory when no path was given)."""
         self._db = sqlite3.connect(str(self._path or ":memory:"), isolation_level=None)
         if self._path is not None:
@@ -118,11 +118,6 @@ class Inbox:
                 _LOGGER.warning("inbox entry %d is unreadable, dropped: %s", row_id, err)
                 self.done(row_id)
         return entries
-
-    def count(self) -> int:
-        """Rows on disk (answered rows may linger until the next batch)."""
-        row = self._connection.execute("SELECT COUNT(*) FROM inbox").fetchone()
-        return int(row[0]) if row else 0
 
     @property
     def _connection(self) -> sqlite3.Connection:
