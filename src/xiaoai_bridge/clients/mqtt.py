@@ -245,8 +245,9 @@ class MqttConnection:
     def _handle(self, topic: str, payload: bytes, retained: bool) -> bool:
         """Give a message to its handler; False if no handler wants it (it is queued)."""
         received: Received | None = None
+        name = aiomqtt.Topic(topic)
         for topic_filter, handler in self._handlers.items():
-            if aiomqtt.Topic(topic).matches(topic_filter):
+            if name.matches(topic_filter):
                 received = received or Received(topic, payload, retained)
                 try:
                     handler(received)

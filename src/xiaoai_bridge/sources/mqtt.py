@@ -46,11 +46,6 @@ class MqttSource:
         # Ids for plain-text questions: unique across restarts thanks to the time prefix.
         self._ids = (f"q{int(time.time())}-{n}" for n in itertools.count(1))
 
-    @property
-    def name(self) -> str:
-        """Registry key shared with MqttSink."""
-        return SOURCE_NAME
-
     def _on_message(self, message: Received) -> None:
         if message.retained:
             # The broker replays a retained message at every subscribe, i.e. every restart
