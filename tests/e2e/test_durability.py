@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,16 +174,23 @@ def _config(tmp_path: Path, broker: Mosquitto, llm: FakeOpenAI) -> Path:
     return path
 
 
-async def _start(tmp_path: Path, config: Path, probe: Probe) -> asyncio.subprocess.Process:
-    proc = await spawn_run(tmp_path, config)
-    await probe.wait_status("online", WAIT_S)
-    return proc
+Start = Callable[[], Awaitable[asyncio.subprocess.Process]]
 
 
 @pytest.fixture
-async def kill_on_exit() -> AsyncIterator[list[asyncio.subprocess.Process]]:
+async def start_process(
+    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI, probe: Probe
+) -> AsyncIterator[Start]:
+    """Starts `xiaoai-bridge run` on one data dir and client id, as often as a test kills it."""
+    config = _config(tmp_path, mosquitto, llm)
     procs: list[asyncio.subprocess.Process] = []
-    yield procs
+
+    async def start() -> asyncio.subprocess.Process:
+        procs.append(await spawn_run(tmp_path, config))
+        await probe.wait_status("online", WAIT_S)
+        return procs[-1]
+
+    yield start
     for proc in procs:
         if proc.returncode is None:
             proc.kill()
@@ -191,15 +198,9 @@ async def kill_on_exit() -> AsyncIterator[list[asyncio.subprocess.Process]]:
 
 
 async def test_kill_9_with_questions_in_flight_loses_none(
-    tmp_path: Path,
-    mosquitto: Mosquitto,
-    llm: FakeOpenAI,
-    probe: Probe,
-    kill_on_exit: list[asyncio.subprocess.Process],
+    start_process: Start, llm: FakeOpenAI, probe: Probe
 ) -> None:
-    config = _config(tmp_path, mosquitto, llm)
-    proc = await _start(tmp_path, config, probe)
-    kill_on_exit.append(proc)
+    proc = await start_process()
     llm.first_token_delay = 60  # all 30 are accepted and being answered when the kill comes
     for n in range(30):
         await probe.ask({"id": n, "device": f"d{n}", "text": f"问题{n}"})
@@ -209,20 +210,14 @@ async def test_kill_9_with_questions_in_flight_loses_none(
     await proc.wait()
     assert probe.replies.empty()
     llm.first_token_delay = 0
-    kill_on_exit.append(await _start(tmp_path, config, probe))
+    await start_process()
     assert await collect_ids(probe, set(range(30))) == set(range(30))
 
 
 async def test_kill_9_during_a_burst_loses_none(
-    tmp_path: Path,
-    mosquitto: Mosquitto,
-    llm: FakeOpenAI,
-    probe: Probe,
-    kill_on_exit: list[asyncio.subprocess.Process],
+    start_process: Start, mosquitto: Mosquitto, llm: FakeOpenAI, probe: Probe
 ) -> None:
-    config = _config(tmp_path, mosquitto, llm)
-    proc = await _start(tmp_path, config, probe)
-    kill_on_exit.append(proc)
+    proc = await start_process()
     llm.token_delay = 0.002
     total = 600
     async with aiomqtt.Client(mosquitto.host, mosquitto.port) as publisher:
@@ -238,6 +233,6 @@ async def test_kill_9_during_a_burst_loses_none(
             seen.add(json.loads(await probe.replies.get())["id"])
     os.kill(proc.pid, signal.SIGKILL)
     await proc.wait()
-    kill_on_exit.append(await _start(tmp_path, config, probe))
+    await start_process()
     seen |= await collect_ids(probe, set(range(total)) - seen, wait_s=60)
     assert seen == set(range(total))
