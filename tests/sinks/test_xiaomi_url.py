@@ -182,7 +182,10 @@ async def test_tts_failure_falls_back_to_the_speakers_own_voice(
         await sink.begin(q)
         await sink.chunk(q, sentence(q, 0, "第一句。"))
         await sink.chunk(q, sentence(q, 1, TEN))
-        await wait_for(lambda: bool(cloud.tts_texts()) and len(plays(cloud)) == 1)
+        # The fake records a play on receipt; the sink counts it once the answer is back.
+        await wait_for(
+            lambda: bool(cloud.tts_texts()) and len(plays(cloud)) == 1 and sink.spoken == 2
+        )
 
     assert cloud.tts_texts() == ["第一句。"]
     assert plays(cloud)[0].time > next(c.time for c in cloud.ubus_calls)
