@@ -49,3 +49,14 @@ def test_the_sink_port_lives_with_the_pipeline() -> None:
         path.name for path in sinks if "xiaoai_bridge.pipeline.ports" in imported_modules(path)
     ]
     assert users
+
+
+@pytest.mark.parametrize("path", modules_under("tools"), ids=lambda path: path.name)
+def test_a_tool_imports_no_source_or_sink(path: Path) -> None:
+    adapters = {name for name in imported_modules(path) if ".sinks" in name or ".sources" in name}
+    assert not adapters
+
+
+@pytest.mark.parametrize("path", modules_under("pipeline"), ids=lambda path: path.name)
+def test_the_pipeline_imports_no_tool(path: Path) -> None:
+    assert not {name for name in imported_modules(path) if "xiaoai_bridge.tools" in name}
