@@ -160,3 +160,44 @@ def test_allowed_hosts_are_names(tmp_path: Path) -> None:
     for bad in ("http://bridge.lan", "bridge.lan:8099", "a b"):
         with pytest.raises(ConfigError, match=r"http\.allowed_hosts.*not a host name"):
             load_settings(write(tmp_path, f'[http]\nallowed_hosts = ["{bad}"]\n'))
+
+
+MCP_BOTH = '[[tools.mcp]]\nname = "x"\nurl = "http://127.0.0.1:1/mcp"\ncommand = "y"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[tools]\ntimezone = "Mars/Olympus"\n', "tools.timezone: unknown time zone"),
+        ("[tools]\nmax_rounds = 0\n", "tools.max_rounds:"),
+        ('[[tools.mcp]]\nname = "x"\n', "give either url or command"),
+        (MCP_BOTH, "give either url or command"),
+        ('[[tools.mcp]]\nname = "a b"\ncommand = "y"\n', "tools.mcp.0.name: use 1-24"),
+        ('[[tools.mcp]]\nname = "x"\nurl = "ftp://h/x"\n', "url must be http(s)"),
+        ('[[tools.mcp]]\nname = "x"\ncommand = "y"\ntransport = "sse"\n', "sse needs a url"),
+        (
+            '[[tools.mcp]]\nname = "x"\ncommand = "y"\n[[tools.mcp]]\nname = "x"\ncommand = "z"\n',
+            "each [[tools.mcp]] server needs its own name",
+        ),
+    ],
+)
+def test_tool_settings_are_checked(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    assert expected in str(caught.value)
+
+
+def test_mcp_servers_resolve_their_transport_and_secrets_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(
+        tmp_path,
+        '[[tools.mcp]]\nname = "ha"\nurl = "http://127.0.0.1:8123/api/mcp"\ntoken = "t0ken"\n'
+        '[[tools.mcp]]\nname = "old"\nurl = "http://127.0.0.1:9/sse"\ntransport = "sse"\n'
+        '[[tools.mcp]]\nname = "local"\ncommand = "uvx"\nargs = ["server"]\n',
+    )
+    path.chmod(0o644)
+    settings = load_settings(path)
+    assert [s.kind for s in settings.tools.mcp] == ["streamable_http", "sse", "stdio"]
+    assert "holds secrets" in caplog.text
+    assert "t0ken" not in repr(settings)

@@ -27,7 +27,13 @@ from xiaoai_bridge.clients.xiaomi import (
     XiaomiAuth,
     new_session,
 )
-from xiaoai_bridge.config import DEFAULT_EMBEDDED_HOST, XIAOMI_TOKEN_FILE, Settings, TriggerSettings
+from xiaoai_bridge.config import (
+    DEFAULT_EMBEDDED_HOST,
+    XIAOMI_TOKEN_FILE,
+    Settings,
+    ToolsSettings,
+    TriggerSettings,
+)
 from xiaoai_bridge.discovery import DiscoveryCleaner, HomeAssistantDiscovery
 from xiaoai_bridge.errors import ConfigError, DataDirError
 from xiaoai_bridge.http import HttpServer, open_http
@@ -39,6 +45,9 @@ from xiaoai_bridge.pipeline.dispatcher import Dispatcher
 from xiaoai_bridge.pipeline.inbox import Inbox
 from xiaoai_bridge.pipeline.memory import ConversationMemory
 from xiaoai_bridge.pipeline.pipeline import Pipeline, PipelineSettings
+from xiaoai_bridge.pipeline.tool_loop import ToolLoopSettings
+from xiaoai_bridge.pipeline.tool_ports import ConnectedToolSource
+from xiaoai_bridge.pipeline.toolbox import Toolbox
 from xiaoai_bridge.pipeline.trigger import Trigger
 from xiaoai_bridge.reconnect import ReconnectPolicy
 from xiaoai_bridge.sinks.homeassistant import HomeAssistantSink, resolve_speak_service
@@ -136,6 +145,7 @@ async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
         continuous_start_commands=settings.conversation.start_commands,
         continuous_stop_commands=settings.conversation.stop_commands,
         continuous_idle_s=settings.conversation.idle_timeout_s,
+        tools=tool_loop_settings(settings.tools) if settings.tools.enabled else None,
     )
     try:
         with open_memory(settings) as memory:
@@ -147,6 +157,19 @@ async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
             )
     finally:
         await backend.aclose()
+
+
+def tool_loop_settings(tools: ToolsSettings) -> ToolLoopSettings:
+    """`[tools]` as the pipeline's tool loop knobs."""
+    return ToolLoopSettings(
+        max_rounds=tools.max_rounds,
+        call_timeout_s=tools.call_timeout_s,
+        filler=tools.filler,
+        filler_after_s=tools.filler_after_s,
+        confirm_window_s=tools.confirm_window_s,
+        confirm_words=tools.confirm_words,
+        cancel_words=tools.cancel_words,
+    )
 
 
 def mqtt_connection(settings: Settings) -> MqttConnection:
@@ -181,6 +204,11 @@ class Service:
     audio: AudioStore | None = None
     # Long-running jobs besides the sources, by task name (e.g. "discovery:run").
     jobs: dict[str, Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=dict)
+
+    @property
+    def tools(self) -> Toolbox:
+        """The tool sources the model may use."""
+        return self.pipeline.tools
 
     @property
     def controls(self) -> Controls:
@@ -393,6 +421,18 @@ async def _add_xiaomi(service: Service, stack: contextlib.AsyncExitStack) -> Non
     )
 
 
+async def _add_tools(service: Service, stack: contextlib.AsyncExitStack) -> None:
+    """Add each tool source `[tools]` turns on; sources with a connection run as jobs."""
+    tools = service.settings.tools
+    # Sources are added here as they land: built-ins, Home Assistant, XiaoAi, MCP servers.
+    del stack
+    for source in service.tools.sources:
+        if isinstance(source, ConnectedToolSource):
+            service.jobs[f"tools:{source.name}"] = source.run
+    names = ", ".join(source.name for source in service.tools.sources) or "none"
+    _LOGGER.info("tools: up to %d rounds per question; sources: %s", tools.max_rounds, names)
+
+
 @contextlib.asynccontextmanager
 async def open_service(settings: Settings) -> AsyncIterator[Service]:
     """Build every configured mode around one pipeline; nothing runs until `run`."""
@@ -415,6 +455,8 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             await _add_homeassistant(service, stack)
         if settings.xiaomi.enabled:
             await _add_xiaomi(service, stack)
+        if settings.tools.enabled:
+            await _add_tools(service, stack)
         if settings.http.enabled:
             service.http = await stack.enter_async_context(open_http(service, settings.http))
         stack.push_async_callback(service.dispatcher.aclose)

@@ -7,6 +7,7 @@ import os
 import re
 import string
 import tomllib
+import zoneinfo
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -23,6 +24,15 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from xiaoai_bridge.errors import ConfigError
+from xiaoai_bridge.pipeline.tool_loop import (
+    DEFAULT_CALL_TIMEOUT_S,
+    DEFAULT_CANCEL_WORDS,
+    DEFAULT_CONFIRM_WINDOW_S,
+    DEFAULT_CONFIRM_WORDS,
+    DEFAULT_FILLER,
+    DEFAULT_FILLER_AFTER_S,
+    DEFAULT_MAX_ROUNDS,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -685,6 +695,168 @@ class SpeechSettings(_Section):
     )
 
 
+_MCP_NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,24}")
+
+
+class McpServerSettings(_Section):
+    """`[[tools.mcp]]`: one MCP server whose tools the model may call."""
+
+    name: str = Field(
+        description="Short name (letters, digits, _ and -), shown with its tools and used as "
+        "their prefix."
+    )
+    url: str | None = Field(
+        default=None,
+        description="Streamable HTTP (or SSE) endpoint, e.g. http://127.0.0.1:8123/api/mcp.",
+    )
+    transport: Literal["streamable_http", "sse", "stdio"] | None = Field(
+        default=None,
+        description="Unset: stdio with a command, streamable_http with a url; sse for "
+        "servers that only speak the older SSE transport.",
+    )
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Extra HTTP headers (kept secret, never logged)."
+    )
+    token: SecretStr | None = Field(
+        default=None, description="Bearer token sent as Authorization (e.g. an HA token)."
+    )
+    command: str | None = Field(
+        default=None, description="A program speaking MCP on stdin/stdout, e.g. uvx."
+    )
+    args: tuple[str, ...] = Field(default=(), description="Its arguments.")
+    env: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Extra environment for it (kept secret)."
+    )
+    allow: tuple[str, ...] = Field(
+        default=(), description="Only these of its tools (by the server's names); empty: all."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _MCP_NAME_RE.fullmatch(value):
+            raise ValueError('use 1-24 letters, digits, _ or -, e.g. "search"')
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_reach(self) -> McpServerSettings:
+        if (self.url is None) == (self.command is None):
+            raise ValueError(f"tools.mcp {self.name!r}: give either url or command")
+        if self.url is not None:
+            parts = urlsplit(self.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"tools.mcp {self.name!r}: url must be http(s)://...")
+            if self.transport == "stdio":
+                raise ValueError(f"tools.mcp {self.name!r}: stdio needs a command, not a url")
+        elif self.transport not in (None, "stdio"):
+            raise ValueError(f"tools.mcp {self.name!r}: {self.transport} needs a url")
+        return self
+
+    @property
+    def kind(self) -> Literal["streamable_http", "sse", "stdio"]:
+        """The transport, resolved."""
+        if self.transport is not None:
+            return self.transport
+        return "stdio" if self.command is not None else "streamable_http"
+
+
+class ToolsHomeAssistantSettings(_Section):
+    """`[tools.homeassistant]`: act on what the user exposed to Assist."""
+
+    enabled: bool | None = Field(
+        default=None,
+        description="Unset: on whenever [homeassistant] is configured (its Assist exposure "
+        "settings decide which entities the model sees).",
+    )
+    assist: bool = Field(
+        default=False,
+        description="Also offer a tool that hands a command to Home Assistant's own "
+        "conversation agent (conversation/process).",
+    )
+    assist_agent_id: str | None = Field(
+        default=None, description="That agent (unset: Home Assistant's default)."
+    )
+    language: str = Field(default="zh-cn", description="Language sent with those commands.")
+
+
+class ToolsSettings(_Section):
+    """`[tools]`: functions the model may call to act, not only talk."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Offer tools to the model; off for a model without function calling.",
+    )
+    max_rounds: int = Field(
+        default=DEFAULT_MAX_ROUNDS,
+        ge=1,
+        le=16,
+        description="Tool rounds per question; a model asking for more gets an apology.",
+    )
+    call_timeout_s: float = Field(
+        default=DEFAULT_CALL_TIMEOUT_S,
+        gt=0,
+        description="Each call's deadline; a late tool is told to the model as failed.",
+    )
+    filler: str = Field(
+        default=DEFAULT_FILLER,
+        max_length=60,
+        description='Said when tools keep the speaker silent for filler_after_s; "" for none.',
+    )
+    filler_after_s: float = Field(
+        default=DEFAULT_FILLER_AFTER_S, ge=0, description="Silence before the filler."
+    )
+    confirm_window_s: float = Field(
+        default=DEFAULT_CONFIRM_WINDOW_S,
+        gt=0,
+        description="How long a lock or alarm action waits for a spoken yes.",
+    )
+    confirm_words: tuple[str, ...] = Field(
+        default=DEFAULT_CONFIRM_WORDS, description="Replies that confirm such an action."
+    )
+    cancel_words: tuple[str, ...] = Field(
+        default=DEFAULT_CANCEL_WORDS, description="Replies that cancel it."
+    )
+    builtin: bool = Field(
+        default=True,
+        description="Date and time, forgetting the conversation, continuous conversation on/off.",
+    )
+    timezone: str | None = Field(
+        default=None,
+        description='IANA time zone for the date/time tool, e.g. "Asia/Shanghai"; unset: the '
+        "system's.",
+    )
+    xiaoai: bool = Field(
+        default=True,
+        description="Let the model ask XiaoAi to carry out a command with its own skills "
+        "(alarms, timers, music, Mi Home devices), in Home Assistant and Xiaomi cloud modes.",
+    )
+    homeassistant: ToolsHomeAssistantSettings = Field(default_factory=ToolsHomeAssistantSettings)
+    mcp: tuple[McpServerSettings, ...] = Field(
+        default=(), description="MCP servers, each a [[tools.mcp]] table."
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r}; use an IANA name such as Asia/Shanghai"
+            ) from None
+        return value
+
+    @field_validator("mcp")
+    @classmethod
+    def _unique_servers(cls, value: tuple[McpServerSettings, ...]) -> tuple[McpServerSettings, ...]:
+        names = [server.name for server in value]
+        if len(names) != len(set(names)):
+            raise ValueError("each [[tools.mcp]] server needs its own name")
+        return value
+
+
 class Settings(BaseSettings):
     """Everything xiaoai-bridge reads at start, validated before anything connects."""
 
@@ -712,6 +884,7 @@ class Settings(BaseSettings):
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
     xiaomi: XiaomiSettings = Field(default_factory=XiaomiSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    tools: ToolsSettings = Field(default_factory=ToolsSettings)
 
     @model_validator(mode="after")
     def _check_modes(self) -> Settings:
@@ -807,12 +980,14 @@ def load_settings(path: Path | None = None) -> Settings:
 
 def _holds_secrets(data: dict[str, Any]) -> bool:
     """True when the file itself sets a key, token or password (env vars do not count)."""
-    secret_keys = {"api_key", "token", "password", "pass_token"}
+    secret_keys = {"api_key", "token", "password", "pass_token", "headers", "env"}
     for value in data.values():
-        if isinstance(value, dict) and (
-            secret_keys & {k for k, v in value.items() if v} or _holds_secrets(value)
-        ):
-            return True
+        tables = value if isinstance(value, list) else [value]  # [[tools.mcp]] is a list
+        for table in tables:
+            if isinstance(table, dict) and (
+                secret_keys & {k for k, v in table.items() if v} or _holds_secrets(table)
+            ):
+                return True
     url = data.get("mqtt", {}).get("url") if isinstance(data.get("mqtt"), dict) else None
     return bool(url and urlsplit(str(url)).password)
 

@@ -71,21 +71,41 @@ def _default(field: FieldInfo) -> str:
     return f"`{text}`" if len(text) <= 60 else f"`{text[:57]}...`"
 
 
-def _section(model: type[BaseModel], path: list[str], lines: list[str]) -> None:
+def _table_list_item(annotation: Any) -> type[BaseModel] | None:
+    """The model of a `[[array.of.tables]]` field, e.g. tuple[McpServerSettings, ...]."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (tuple, list) and args:
+        item = args[0]
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return item
+    return None
+
+
+def _section(
+    model: type[BaseModel], path: list[str], lines: list[str], *, array: bool = False
+) -> None:
     rows: list[str] = []
     nested: list[tuple[str, type[BaseModel]]] = []
+    arrays: list[tuple[str, type[BaseModel]]] = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             nested.append((name, annotation))
             continue
-        env = ENV_PREFIX + "__".join(part.upper() for part in [*path, name])
+        item = _table_list_item(annotation)
+        if item is not None:
+            arrays.append((name, item))
+        env = "`" + ENV_PREFIX + "__".join(part.upper() for part in [*path, name]) + "`"
+        if array:
+            env = "-"
         description = (field.description or "").replace("|", "\\|").replace("<", "&lt;")
         rows.append(
-            f"| `{name}` | {_type_name(annotation)} | {_default(field)} | {description} | `{env}` |"
+            f"| `{name}` | {_type_name(annotation)} | {_default(field)} | {description} | {env} |"
         )
     if rows:
         title = f"[{'.'.join(path)}]" if path else "Top level"
+        if array:
+            title = f"[{title}] (one table per entry; no environment variables)"
         lines.append(f"\n## {title}\n")
         doc = (model.__doc__ or "").strip().splitlines()[0] if path else ""
         if doc:
@@ -95,6 +115,8 @@ def _section(model: type[BaseModel], path: list[str], lines: list[str]) -> None:
         lines.extend(rows)
     for name, sub in nested:
         _section(sub, [*path, name], lines)
+    for name, sub in arrays:
+        _section(sub, [*path, name], lines, array=True)
 
 
 def render() -> str:

@@ -107,6 +107,21 @@ class Outcome(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallRecord:
+    """One tool call made while answering, as the status page and metrics show it."""
+
+    name: str
+    # Which tool source offered it ("homeassistant", "mcp:search", "builtin", ...).
+    source: str
+    # The arguments and the result as text, cut short for display.
+    arguments: str
+    # "ok", "error", "timeout", "unknown_tool", "bad_arguments" or "confirm".
+    outcome: str
+    result: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class Answer:
     """The end of one utterance's journey: what was spoken, and how it went."""
 
@@ -121,3 +136,5 @@ class Answer:
     # Continuous conversation is on for this device: a sink that can should wake the speaker
     # to listen again once the answer has been spoken.
     keep_listening: bool = False
+    # The tools the model called on the way, in order.
+    tool_calls: tuple[ToolCallRecord, ...] = ()

@@ -3,21 +3,41 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import itertools
 import logging
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from xiaoai_bridge.errors import BridgeError, LLMError
-from xiaoai_bridge.llm.base import ChatBackend, ChatMessage
-from xiaoai_bridge.models import Answer, Outcome, SpeakerId, SpeechChunk, Utterance
+from xiaoai_bridge.llm.base import AssistantToolCalls, ChatMessage, Message, ToolChatBackend
+from xiaoai_bridge.models import (
+    Answer,
+    Outcome,
+    SpeakerId,
+    SpeechChunk,
+    ToolCallRecord,
+    Utterance,
+)
 from xiaoai_bridge.pipeline.chunker import DEFAULT_FIRST_CLAUSE_CHARS, SentenceChunker
 from xiaoai_bridge.pipeline.controls import Controls
 from xiaoai_bridge.pipeline.memory import ConversationMemory
 from xiaoai_bridge.pipeline.ports import Sink
 from xiaoai_bridge.pipeline.speech import SpeechCleaner
+from xiaoai_bridge.pipeline.tool_loop import (
+    CANCELLED_REPLY,
+    CONFIRMED_FAILED_REPLY,
+    DISPLAY_CHARS,
+    Confirmations,
+    ToolLoopSettings,
+    run_round,
+    shorten,
+)
+from xiaoai_bridge.pipeline.tool_ports import NeedsConfirmation, ToolContext, ToolError
+from xiaoai_bridge.pipeline.toolbox import OfferedTool, Toolbox
 from xiaoai_bridge.pipeline.trigger import Trigger
 from xiaoai_bridge.spoken import join_spoken
 
@@ -42,6 +62,7 @@ FORGET_REPLY = "好的，之前的对话我已经忘掉了。"
 CONTINUOUS_ON_REPLY = "好的，我们开始持续对话，不用再说唤醒词了。"
 CONTINUOUS_OFF_REPLY = "好的，持续对话结束了。"
 WAKE_ONLY_REPLY = "我在，请问有什么可以帮你？"
+TOOL_LIMIT_APOLOGY = "抱歉，这件事我没能办完，请换个说法再试一次。"
 
 
 def apology_for(reason: str) -> str:
@@ -79,6 +100,8 @@ class PipelineSettings:
     continuous_start_commands: Iterable[str] = ()
     continuous_stop_commands: Iterable[str] = ()
     continuous_idle_s: float = 30.0
+    # None: the model is offered no tools.
+    tools: ToolLoopSettings | None = None
 
 
 class Pipeline:
@@ -87,7 +110,7 @@ class Pipeline:
     def __init__(
         self,
         *,
-        backend: ChatBackend,
+        backend: ToolChatBackend,
         memory: ConversationMemory,
         settings: PipelineSettings,
         default_trigger: Trigger,
@@ -107,6 +130,15 @@ class Pipeline:
         self.controls = controls or Controls(memory)
         self._llm_slots = asyncio.Semaphore(settings.max_concurrent_llm)
         self._clock = clock
+        # Tool sources are added by the app once the modes they need are up.
+        self.tools = Toolbox()
+        self._tool_settings = settings.tools
+        loop_settings = settings.tools or ToolLoopSettings()
+        self._confirmations = Confirmations(loop_settings.confirm_window_s, clock)
+        self._confirm_words = _command_set(loop_settings.confirm_words)
+        self._cancel_words = _command_set(loop_settings.cancel_words)
+        # Cleared, for good, by a provider that refuses `tools`.
+        self._tools_supported = True
 
     async def handle(self, utterance: Utterance, sink: Sink) -> Answer:
         """Answer one utterance through `sink`; never raises for an expected failure."""
@@ -128,6 +160,11 @@ class Pipeline:
             utterance.source, self._default_trigger
         )
         command = _normalize_command(trigger.apply(utterance.text, require_keyword=False) or "")
+        if self._confirmations.waiting(utterance.speaker):
+            if command in self._confirm_words or command in self._cancel_words:
+                return await self._confirm(run, yes=command in self._confirm_words)
+            # Anything else moves on: the action waits no longer.
+            self._confirmations.take(utterance.speaker)
         if command in self._continuous_start or command in self._continuous_stop:
             return await self._switch_continuous(run, on=command in self._continuous_start)
         speaker = utterance.speaker
@@ -165,37 +202,90 @@ class Pipeline:
             return False
         return True
 
-    async def _switch_continuous(self, run: _Run, *, on: bool) -> Answer:
-        speaker = run.utterance.speaker
+    def set_continuous(self, speaker: SpeakerId, *, on: bool) -> None:
+        """Start or stop a continuous conversation with `speaker` (the built-in tools' way)."""
         if on:
             self._continuous[speaker] = self._clock() + self._settings.continuous_idle_s
         else:
             self._continuous.pop(speaker, None)
         _LOGGER.info("continuous conversation with %s %s", speaker, "on" if on else "off")
+
+    async def _switch_continuous(self, run: _Run, *, on: bool) -> Answer:
+        self.set_continuous(run.utterance.speaker, on=on)
         run.keep_listening = on
         await run.begin()
         await run.say(CONTINUOUS_ON_REPLY if on else CONTINUOUS_OFF_REPLY, final=True)
         return await run.end(Outcome.COMMAND, reason="continuous_on" if on else "continuous_off")
 
+    async def _confirm(self, run: _Run, *, yes: bool) -> Answer:
+        """The speaker answered a confirmation question: run the held action, or drop it."""
+        speaker = run.utterance.speaker
+        pending = self._confirmations.take(speaker)
+        await run.begin()
+        if pending is None or not yes:
+            await run.say(CANCELLED_REPLY, final=True)
+            return await run.end(Outcome.COMMAND, reason="cancelled")
+        settings = self._tool_settings or ToolLoopSettings()
+        started = self._clock()
+        outcome = "ok"
+        try:
+            async with asyncio.timeout(settings.call_timeout_s):
+                spoken = await pending.confirmation.action()
+        except TimeoutError:
+            outcome, spoken = "timeout", CONFIRMED_FAILED_REPLY
+        except ToolError as err:
+            outcome, spoken = "error", CONFIRMED_FAILED_REPLY
+            _LOGGER.warning("confirmed %s of %s failed: %s", pending.name, pending.source, err)
+        except Exception:
+            # A tool is an adapter to someone else's server: its bug must not silence the answer.
+            _LOGGER.exception("confirmed %s of %s failed", pending.name, pending.source)
+            outcome, spoken = "error", CONFIRMED_FAILED_REPLY
+        run.tool_calls.append(
+            ToolCallRecord(
+                name=pending.name,
+                source=pending.source,
+                arguments="(confirmed)",
+                outcome=outcome,
+                result=shorten(spoken, DISPLAY_CHARS),
+                seconds=self._clock() - started,
+            )
+        )
+        await run.say(spoken or CONFIRMED_FAILED_REPLY, final=True)
+        await self._memory.remember(speaker, run.utterance.text, run.text)
+        if outcome != "ok":
+            return await run.end(Outcome.FAILED, reason=f"tool_{outcome}")
+        return await run.end(Outcome.ANSWERED)
+
+    def _offered_tools(self, utterance: Utterance) -> dict[str, OfferedTool]:
+        if self._tool_settings is None or not self._tools_supported:
+            return {}
+        return self.tools.offered(ToolContext(utterance))
+
     async def _ask(self, run: _Run, question: str) -> Answer:
         device = run.utterance.device
-        messages = [
+        messages: list[Message] = [
             ChatMessage("system", self._settings.system_prompt),
             *await self._memory.history(run.utterance.speaker),
             ChatMessage("user", question),
         ]
-        chunker = SentenceChunker(
-            min_chars=self._settings.min_chunk_chars,
-            max_chars=self._settings.max_chunk_chars,
-            first_clause_chars=self._settings.first_clause_chars,
+        speech = _Speech(
+            run,
+            SentenceChunker(
+                min_chars=self._settings.min_chunk_chars,
+                max_chars=self._settings.max_chunk_chars,
+                first_clause_chars=self._settings.first_clause_chars,
+            ),
         )
-        cleaner = SpeechCleaner()
+        offered = self._offered_tools(run.utterance)
         try:
             async with self._llm_slots, asyncio.timeout(self._settings.answer_timeout_s):
-                async for delta in self._backend.stream(messages):
-                    for sentence in chunker.feed(delta):
-                        await run.say(cleaner.clean(sentence), final=False)
-            await run.say(cleaner.clean(chunker.flush()), final=True)
+                if offered:
+                    ended = await self._ask_with_tools(run, speech, messages, offered)
+                    if ended is not None:
+                        return ended
+                else:
+                    await self._stream_text(speech, messages)
+            await speech.finish()
         except (LLMError, TimeoutError) as err:
             reason = err.reason if isinstance(err, LLMError) else "timeout"
             detail = err.detail if isinstance(err, LLMError) else "answer deadline passed"
@@ -206,15 +296,167 @@ class Pipeline:
                     "OPENAI_API_KEY / XIAOAI_BRIDGE_LLM__API_KEY environment "
                     "variable (and [llm] base_url for other providers)"
                 )
-            phrase = apology_for(reason) if run.seq == 0 else INTERRUPTED_APOLOGY
+            phrase = apology_for(reason) if not run.answered else INTERRUPTED_APOLOGY
             await run.say(phrase, final=True)
             return await run.end(Outcome.FAILED, reason=reason)
-        if not run.spoken:
+        if not run.answered:
             _LOGGER.warning("LLM answer for %s had nothing speakable", device)
             await run.say(apology_for("empty"), final=True)
             return await run.end(Outcome.FAILED, reason="empty")
-        await self._memory.remember(run.utterance.speaker, question, run.text)
+        await self._memory.remember(run.utterance.speaker, question, run.answer_text)
         return await run.end(Outcome.ANSWERED)
+
+    async def _stream_text(self, speech: _Speech, messages: Sequence[Message]) -> None:
+        # Without tools only text messages are sent: a tool round is never left half-told.
+        texts = [m for m in messages if isinstance(m, ChatMessage)]
+        async for delta in self._backend.stream(texts):
+            await speech.feed(delta)
+
+    async def _ask_with_tools(
+        self,
+        run: _Run,
+        speech: _Speech,
+        messages: list[Message],
+        offered: Mapping[str, OfferedTool],
+    ) -> Answer | None:
+        """Rounds of model and tools until the model answers in words; an Answer if it ended."""
+        settings = self._tool_settings or ToolLoopSettings()
+        specs = [entry.tool.spec for entry in offered.values()]
+        context = ToolContext(run.utterance)
+        conversation = list(messages)
+        filler = _Filler(run, settings.filler, settings.filler_after_s, self._clock)
+        try:
+            for round_number in itertools.count(1):
+                calls = None
+                text_before = len(speech.heard)
+                try:
+                    async for event in self._backend.stream(conversation, tools=specs):
+                        if isinstance(event, str):
+                            await filler.stop()
+                            await speech.feed(event)
+                        else:
+                            calls = event.calls
+                except LLMError as err:
+                    if err.reason != "tools_unsupported":
+                        raise
+                    self._tools_refused(err)
+                    await filler.stop()
+                    await self._stream_text(speech, messages)
+                    return None
+                if not calls:
+                    await filler.stop()
+                    return None
+                await speech.flush()  # words the model said before its calls go out now
+                if round_number > settings.max_rounds:
+                    await filler.stop()
+                    _LOGGER.warning(
+                        "the model still asked for tools after %d rounds for %s: gave up",
+                        settings.max_rounds,
+                        run.utterance.device,
+                    )
+                    await run.say(TOOL_LIMIT_APOLOGY, final=True)
+                    return await run.end(Outcome.FAILED, reason="tool_rounds")
+                filler.arm()
+                round_ = await run_round(
+                    calls, offered, context, timeout_s=settings.call_timeout_s, clock=self._clock
+                )
+                run.tool_calls.extend(round_.records)
+                if round_.confirmation is not None and round_.confirming is not None:
+                    await filler.stop()
+                    return await self._ask_to_confirm(
+                        run, round_.confirmation, round_.confirming, messages
+                    )
+                said = "".join(speech.heard[text_before:]) or None
+                conversation.append(AssistantToolCalls(calls, content=said))
+                conversation.extend(round_.results)
+        finally:
+            await filler.stop()
+        return None  # not reached: the loop returns
+
+    async def _ask_to_confirm(
+        self,
+        run: _Run,
+        confirmation: NeedsConfirmation,
+        record: ToolCallRecord,
+        messages: Sequence[Message],
+    ) -> Answer:
+        speaker = run.utterance.speaker
+        self._confirmations.ask(speaker, confirmation, name=record.name, source=record.source)
+        # The answer ("确定") must be heard without the wake keyword.
+        run.keep_listening = True
+        await run.say(confirmation.prompt, final=True)
+        question = messages[-1]
+        if isinstance(question, ChatMessage):
+            await self._memory.remember(speaker, question.content, confirmation.prompt)
+        return await run.end(Outcome.ANSWERED, reason="confirm")
+
+    def _tools_refused(self, err: LLMError) -> None:
+        self._tools_supported = False
+        _LOGGER.warning(
+            "the LLM refused tools (%s): asking without tools from now on; set [tools] "
+            "enabled = false to skip the try, or use a model with function calling",
+            err.detail,
+        )
+
+
+class _Speech:
+    """An answer's text on its way to the speaker: cut into sentences, cleaned, said."""
+
+    def __init__(self, run: _Run, chunker: SentenceChunker) -> None:
+        self._run = run
+        self._chunker = chunker
+        self._cleaner = SpeechCleaner()
+        # Every delta the model streamed, for the assistant turn of a tool round.
+        self.heard: list[str] = []
+
+    async def feed(self, delta: str) -> None:
+        self.heard.append(delta)
+        for sentence in self._chunker.feed(delta):
+            await self._run.say(self._cleaner.clean(sentence), final=False)
+
+    async def flush(self) -> None:
+        """Say what is held back, without ending the answer."""
+        await self._run.say(self._cleaner.clean(self._chunker.flush()), final=False)
+
+    async def finish(self) -> None:
+        """Say what is held back and end the answer."""
+        await self._run.say(self._cleaner.clean(self._chunker.flush()), final=True)
+
+
+class _Filler:
+    """Says a short filler once when tools keep the speaker silent too long."""
+
+    def __init__(self, run: _Run, text: str, after_s: float, clock: Callable[[], float]) -> None:
+        self._run = run
+        self._text = text
+        self._after_s = after_s
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self._saying = False
+        self._said = not text
+
+    def arm(self) -> None:
+        """Start waiting, unless a filler was said already or is pending."""
+        if self._said or self._task is not None:
+            return
+        silent_since = self._run.last_spoken_at or self._run.started
+        delay = max(0.0, silent_since + self._after_s - self._clock())
+        self._task = asyncio.create_task(self._say_after(delay), name="pipeline:filler")
+
+    async def _say_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._saying = self._said = True
+        await self._run.say(self._text, final=False, remember=False)
+
+    async def stop(self) -> None:
+        """Not needed any more: cancel the wait, or let a filler being said finish first."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        if not self._saying:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class _Run:
@@ -225,29 +467,49 @@ class _Run:
         self.sink = sink
         self.seq = 0
         self.spoken: list[str] = []
+        # What the model answered, for memory: the spoken text without fillers.
+        self.answer: list[str] = []
         self.keep_listening = False
+        self.tool_calls: list[ToolCallRecord] = []
         self._clock = clock
-        self._started = clock()
+        self.started = clock()
+        self.last_spoken_at: float | None = None
         self._first_chunk: float | None = None
+        # A filler is said from its own task: chunks must still reach the sink one at a time.
+        self._saying = asyncio.Lock()
 
     @property
     def text(self) -> str:
         return join_sentences(self.spoken)
 
+    @property
+    def answer_text(self) -> str:
+        return join_sentences(self.answer)
+
+    @property
+    def answered(self) -> bool:
+        """True once some of the model's answer (not only a filler) was spoken."""
+        return bool(self.answer)
+
     async def begin(self) -> None:
         await self._guard(self.sink.begin(self.utterance))
 
-    async def say(self, text: str, *, final: bool) -> None:
+    async def say(self, text: str, *, final: bool, remember: bool = True) -> None:
         # An empty non-final chunk says nothing; an empty final one still closes the stream.
         if not text and not final:
             return
-        if self._first_chunk is None and text:
-            self._first_chunk = self._clock() - self._started
-        if text:
-            self.spoken.append(text)
-        chunk = SpeechChunk(self.utterance.id, self.utterance.device, self.seq, text, final)
-        self.seq += 1
-        await self._guard(self.sink.chunk(self.utterance, chunk))
+        async with self._saying:
+            now = self._clock()
+            if self._first_chunk is None and text:
+                self._first_chunk = now - self.started
+            if text:
+                self.spoken.append(text)
+                self.last_spoken_at = now
+                if remember:
+                    self.answer.append(text)
+            chunk = SpeechChunk(self.utterance.id, self.utterance.device, self.seq, text, final)
+            self.seq += 1
+            await self._guard(self.sink.chunk(self.utterance, chunk))
 
     async def end(self, outcome: Outcome, *, reason: str = "") -> Answer:
         answer = Answer(
@@ -256,8 +518,9 @@ class _Run:
             self.text,
             reason,
             self._first_chunk,
-            self._clock() - self._started,
+            self._clock() - self.started,
             keep_listening=self.keep_listening,
+            tool_calls=tuple(self.tool_calls),
         )
         await self._guard(self.sink.end(answer))
         return answer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from xiaoai_bridge.llm.base import ToolSpec
 from xiaoai_bridge.models import SpeakerId, Utterance
@@ -74,8 +74,7 @@ class SourceHealth:
 class ToolSource(Protocol):
     """Where tools come from; its list may change while running (an MCP server going away).
 
-    A source that keeps a connection also has `async def run(self) -> None` (connect, keep its
-    list fresh, reconnect with backoff, never return); the app runs it as task "tools:<name>".
+    A source that keeps a connection is a ConnectedToolSource.
     """
 
     @property
@@ -89,4 +88,13 @@ class ToolSource(Protocol):
 
     def health(self) -> SourceHealth:
         """Up or down, in a line."""
+        ...
+
+
+@runtime_checkable
+class ConnectedToolSource(ToolSource, Protocol):
+    """A tool source with a connection to keep; the app runs `run` as task "tools:<name>"."""
+
+    async def run(self) -> None:
+        """Connect, keep the tool list fresh, reconnect with backoff; return only when cancelled."""
         ...
