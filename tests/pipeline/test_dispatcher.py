@@ -6,11 +6,12 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 import pytest
 
 from tests.pipeline.test_pipeline import Recorder
-from xiaoai_bridge.llm.base import ChatMessage
+from xiaoai_bridge.llm.base import ChatMessage, Message, RoundEvent, ToolSpec
 from xiaoai_bridge.models import Utterance
 from xiaoai_bridge.pipeline import dispatcher as dispatcher_module
 from xiaoai_bridge.pipeline.dispatcher import Dispatcher
@@ -31,8 +32,19 @@ class GatedBackend:
     def gate(self, question: str) -> asyncio.Event:
         return self.gates.setdefault(question, asyncio.Event())
 
-    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
-        question = messages[-1].content
+    @overload
+    def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]: ...
+
+    @overload
+    def stream(
+        self, messages: Sequence[Message], *, tools: Sequence[ToolSpec]
+    ) -> AsyncIterator[RoundEvent]: ...
+
+    async def stream(
+        self, messages: Sequence[Message], *, tools: Sequence[ToolSpec] | None = None
+    ) -> AsyncIterator[RoundEvent]:
+        last = messages[-1]
+        question = last.content if isinstance(last, ChatMessage) else ""
         self.started.append(question)
         self.changed.set()
         await self.gate(question).wait()
