@@ -49,10 +49,18 @@ class Row:
 
 @contextlib.asynccontextmanager
 async def fake_llm(
-    first_token_ms: int, token_ms: int, tokens: int, *, answer: str | None = None
+    first_token_ms: int,
+    token_ms: int,
+    tokens: int,
+    *,
+    answer: str | None = None,
+    call_tool: str | None = None,
+    after_tools_ms: int = 0,
 ) -> AsyncIterator[str]:
     """The fake OpenAI server in its own process; yields its base URL."""
-    fixed = ("--answer", answer) if answer is not None else ()
+    fixed: tuple[str, ...] = ("--answer", answer) if answer is not None else ()
+    if call_tool is not None:
+        fixed += ("--call-tool", call_tool, "--after-tools-ms", str(after_tools_ms))
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -102,14 +110,16 @@ class BridgeProcess:
 
 
 @contextlib.asynccontextmanager
-async def bridge(broker: Mosquitto, llm_url: str, work: Path) -> AsyncIterator[BridgeProcess]:
-    """Start the service on `broker` with `llm_url`; wait until it is online."""
+async def bridge(
+    broker: Mosquitto, llm_url: str, work: Path, *, extra: str = ""
+) -> AsyncIterator[BridgeProcess]:
+    """Start the service on `broker` with `llm_url` (and `extra` TOML); wait until online."""
     config = work / f"bridge-{time.monotonic_ns()}.toml"
     config.write_text(
         f'data_dir = "{work / "data"}"\nlog_level = "WARNING"\n'
         f'[mqtt]\nurl = "{broker.url}"\nclient_id = "bench-{time.monotonic_ns() % 10**9}"\n'
         f'[llm]\nbase_url = "{llm_url}"\napi_key = "{API_KEY}"\nmodel = "fake-model"\n'
-        "max_retries = 0\n[http]\nport = 0\n",
+        "max_retries = 0\n[http]\nport = 0\n" + extra,
         encoding="utf-8",
     )
     config.chmod(0o600)  # it holds the API key; the service warns otherwise

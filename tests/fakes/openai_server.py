@@ -39,6 +39,9 @@ AnswerSource = str | Callable[[Messages], str]
 TOOLS_UNSUPPORTED_MESSAGE = "Unsupported parameter: 'tools' is not supported with this model."
 
 
+TOOL_GAPS_PATH = "/_bench/tool-gaps"
+
+
 class Fault(StrEnum):
     """Ways the fake can misbehave; mid-stream faults fire after ``after_tokens`` tokens."""
 
@@ -343,6 +346,14 @@ class FakeOpenAI:
         # A model without function calling: any request offering `tools` gets OpenAI's 400.
         self.reject_tools = False
         self.rounds: deque[Round] = deque()
+        # Benchmark mode: answer a question offering the tool named `call_tool` with a call of
+        # it, and the request carrying its result (after `after_tools_delay`) as usual.
+        self.call_tool: str | None = None
+        self.after_tools_delay = 0.0
+        # Seconds from the end of a tool round's response to the arrival of its results: the
+        # client's own time per round (plus the tool's), measured on this process's clock.
+        self.tool_gaps: list[float] = []
+        self._round_ended: dict[str, float] = {}
         self.request_count = 0
         self.all_requests: deque[RecordedRequest] = deque(maxlen=record_limit)
         self._fault_queue: deque[FaultSpec] = deque()
@@ -361,6 +372,8 @@ class FakeOpenAI:
         app = web.Application()
         app.router.add_post(CHAT_PATH, self._handle_chat)
         app.router.add_get(MODELS_PATH, self._handle_models)
+        # Not OpenAI's: the benchmark reads the tool-round gaps of the fake in its own process.
+        app.router.add_get(TOOL_GAPS_PATH, self._handle_tool_gaps)
         app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
         # Cancelling handlers when the client disconnects lets "hang" faults end with the client.
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1)
@@ -546,6 +559,9 @@ class FakeOpenAI:
         ]
         return self._json_response(record, 200, _dumps({"object": "list", "data": data}))
 
+    async def _handle_tool_gaps(self, request: web.Request) -> web.Response:
+        return web.json_response(self.tool_gaps)
+
     async def _handle_unknown(self, request: web.Request) -> web.Response:
         record = self._record(request, None)
         message = f"Invalid URL ({request.method} {request.path})"
@@ -553,6 +569,7 @@ class FakeOpenAI:
 
     async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
+        arrived = time.monotonic()
         try:
             body: Any = json.loads(raw)
         except ValueError:
@@ -610,18 +627,32 @@ class FakeOpenAI:
                 return response
 
         messages: Messages = body["messages"]
-        scripted = self.rounds.popleft() if self.rounds else None
+        results = record.tool_messages
+        scripted = self.rounds.popleft() if self.rounds else self._benchmark_round(record, arrived)
         record.round = scripted
         tokens = self._round_tokens(scripted, messages)
         record.tokens = tokens
         record.answer = "".join(tokens)
-        if self.first_token_delay > 0:
-            await asyncio.sleep(self.first_token_delay)
+        delay = self.after_tools_delay if results else self.first_token_delay
+        if delay > 0:
+            await asyncio.sleep(delay)
         if isinstance(scripted, ToolRound | RawRound):
             return await self._tool_round(request, record, tokens, scripted)
         if record.stream:
             return await self._stream(request, record, tokens, spec)
         return await self._complete(record, tokens, spec)
+
+    def _benchmark_round(self, record: RecordedRequest, arrived: float) -> Round | None:
+        """In benchmark mode, a call of `call_tool` if offered; note the gap of results."""
+        results = record.tool_messages
+        for result in results:
+            ended = self._round_ended.pop(str(result.get("tool_call_id")), None)
+            if ended is not None:
+                self.tool_gaps.append(arrived - ended)
+        offered = {str(t.get("function", {}).get("name")) for t in record.tools}
+        if self.call_tool not in offered or results:
+            return None
+        return ToolRound((ScriptedCall(f"call_{next(self._ids)}", str(self.call_tool), "{}"),))
 
     def _round_tokens(self, scripted: Round | None, messages: Messages) -> list[str]:
         """Content tokens of this answer: the scripted text, or the usual answer."""
@@ -789,7 +820,9 @@ class FakeOpenAI:
             if isinstance(round_, RawRound):
                 message = "the fake streams raw rounds only"
                 return self._json_response(record, 500, _error_body(message, "server_error", None))
-            return self._json_response(record, 200, self._tool_completion(record, tokens, round_))
+            whole = self._json_response(record, 200, self._tool_completion(record, tokens, round_))
+            self._round_done(round_)
+            return whole
         frames = _ChunkFrames(
             self._completion_id(), int(time.time()), str(record.model), _wants_usage(record)
         )
@@ -814,7 +847,13 @@ class FakeOpenAI:
                 await asyncio.sleep(self.token_delay)
             await response.write(part)
         await response.write_eof()
+        if isinstance(round_, ToolRound):
+            self._round_done(round_)
         return response
+
+    def _round_done(self, round_: ToolRound) -> None:
+        ended = time.monotonic()
+        self._round_ended.update((call.id, ended) for call in round_.calls)
 
     def _tool_completion(
         self, record: RecordedRequest, tokens: list[str], round_: ToolRound
@@ -944,6 +983,8 @@ async def _serve(args: argparse.Namespace) -> None:
         record_limit=0,
         port=args.port,
     )
+    fake.call_tool = args.call_tool
+    fake.after_tools_delay = args.after_tools_ms / 1000
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -961,6 +1002,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--token-ms", type=float, default=0.0)
     parser.add_argument("--tokens", type=int, default=None, help="exact tokens per answer")
     parser.add_argument("--answer", default=None, help="fixed answer (default: echo question)")
+    parser.add_argument(
+        "--call-tool", default=None, help="answer a question offering this tool with a call of it"
+    )
+    parser.add_argument(
+        "--after-tools-ms", type=float, default=0.0, help="first-token delay after tool results"
+    )
     parser.add_argument("--api-key", default=DEFAULT_API_KEY)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ from openai import AsyncOpenAI
 from openai.types.chat import (
     ChatCompletion,
     ChatCompletionChunk,
+    ChatCompletionMessageFunctionToolCall,
     ChatCompletionMessageParam,
     ChatCompletionToolParam,
 )
@@ -27,6 +28,7 @@ from tests.fakes.mosquitto import HOST, Mosquitto, MosquittoError
 from tests.fakes.openai_server import (
     CHAT_PATH,
     DEFAULT_API_KEY,
+    TOOL_GAPS_PATH,
     TOOLS_UNSUPPORTED_MESSAGE,
     FakeOpenAI,
     Fault,
@@ -740,3 +742,41 @@ async def test_tool_messages_that_do_not_answer_their_calls_are_400(
         await client.chat.completions.create(model=MODEL, messages=messages)
     assert caught.value.param == param
     assert words in caught.value.message
+
+
+async def test_benchmark_mode_calls_the_named_tool_and_times_the_round(
+    llm: FakeOpenAI, client: AsyncOpenAI
+) -> None:
+    llm.call_tool = "turn_off"
+    without = await client.chat.completions.create(model=MODEL, messages=QUESTION)
+    assert without.choices[0].finish_reason == "stop"  # no tools offered: a plain answer
+    first = await client.chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS)
+    calls = [
+        c
+        for c in first.choices[0].message.tool_calls or []
+        if isinstance(c, ChatCompletionMessageFunctionToolCall)
+    ]
+    assert [(c.function.name, c.function.arguments) for c in calls] == [("turn_off", "{}")]
+    follow_up: list[ChatCompletionMessageParam] = [
+        *QUESTION,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": calls[0].id,
+                    "type": "function",
+                    "function": {"name": "turn_off", "arguments": "{}"},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": calls[0].id, "content": "ok"},
+    ]
+    answer = await client.chat.completions.create(model=MODEL, messages=follow_up, tools=TOOLS)
+    assert answer.choices[0].finish_reason == "stop"
+    async with aiohttp.ClientSession() as session:
+        url = llm.base_url.removesuffix("/v1") + TOOL_GAPS_PATH
+        async with session.get(url) as response:
+            gaps = await response.json()
+    assert len(gaps) == 1
+    assert gaps[0] >= 0
