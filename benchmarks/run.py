@@ -509,6 +509,10 @@ async def main(args: argparse.Namespace) -> int:
             rows += await bench_live_pages(broker, work, args.throughput)
         rows += await bench_xiaomi(work, args.xiaomi, args.poll_interval)
         rows += await bench_first_words(work, args.xiaomi, args.poll_interval)
+        if args.tools:
+            from benchmarks.tools import run_tools  # noqa: PLC0415 - it imports this module
+
+            rows += await run_tools(work, args.tools, fillers=5)
         if args.soak:
             from benchmarks.soak import run_soak  # noqa: PLC0415 - it imports this module
 
@@ -537,6 +541,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1000,
         help="questions for the throughput and memory measure",
+    )
+    parser.add_argument(
+        "--tools", type=int, default=200, help="questions with a tool round (0 skips)"
     )
     parser.add_argument(
         "--xiaomi", type=int, default=20, help="questions for the Xiaomi-mode pickup measure"

@@ -144,7 +144,7 @@ async def bench_filler(broker: Mosquitto, work: Path, count: int) -> list[Row]:
     ]
 
 
-async def run_tools(work: Path, rounds: int, fillers: int) -> list[Row]:
+async def run_tools(work: Path, rounds: int, *, fillers: int) -> list[Row]:
     """Both measures on a broker of their own."""
     async with Mosquitto(port=free_port(), extra_config=BROKER_CONFIG) as broker:
         rows = await bench_tool_round(broker, work, rounds)
@@ -154,7 +154,7 @@ async def run_tools(work: Path, rounds: int, fillers: int) -> list[Row]:
 
 async def main() -> int:
     with tempfile.TemporaryDirectory(prefix="xiaoai-bench-tools-") as tmp:
-        rows = await run_tools(Path(tmp), 200, 5)
+        rows = await run_tools(Path(tmp), 200, fillers=5)
     for row in rows:
         print(
             f"{'ok ' if row.ok else 'MISS'} {row.measure}\n     {row.result} (target {row.target})"
