@@ -274,6 +274,21 @@ async def test_call_service_success_and_errors(ha: FakeHomeAssistant) -> None:
     assert ha.calls[1].target == {"entity_id": speaker.media_player}
 
 
+async def test_any_command_on_the_live_connection(ha: FakeHomeAssistant) -> None:
+    async with make_client(ha) as client:
+        reply = await client.command(
+            {"type": "homeassistant/expose_new_entities/get", "assistant": "conversation"}
+        )
+        assert reply == {"expose_new": True}
+        with pytest.raises(HomeAssistantCommandError) as info:
+            await client.command({"type": "no/such/command"})
+        assert info.value.code == "unknown_command"
+        ha.admin = False
+        with pytest.raises(HomeAssistantCommandError) as info:
+            await client.command({"type": "homeassistant/expose_entity/list"})
+        assert info.value.code == "unauthorized"
+
+
 async def test_discovers_conversation_sensors(ha: FakeHomeAssistant) -> None:
     living = ha.add_speaker("dea6", model="lx06")
     bedroom = ha.add_speaker("5996", model="l06a")

@@ -17,6 +17,8 @@ from typing import Any, Literal, Self
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from tests.fakes.homeassistant_house import ADMIN_ONLY, HOUSE_SERVICES, CommandFailed, FakeHouse
+
 HOST = "127.0.0.1"
 WEBSOCKET_PATH = "/api/websocket"
 DEFAULT_TOKEN = "test-long-lived-access-token"
@@ -30,7 +32,8 @@ AUTH_TIMEOUT_S = 10.0
 # Integrations `get_config` lists. No "tag" and no "nodered": Node-RED's HA nodes would then
 # also ask for `tag/list` and `nodered/version`, which this fake does not serve.
 COMPONENTS = ("api", "http", "media_player", "notify", "sensor", "text", "websocket_api")
-# `config/*_registry/list` commands; every registry is empty here.
+# `config/*_registry/list` commands; the house (homeassistant_house.py) serves the area, device
+# and entity registries, the others are empty here.
 REGISTRY_LISTS = frozenset(
     f"config/{name}_registry/list" for name in ("area", "device", "entity", "floor", "label")
 )
@@ -248,8 +251,12 @@ class FakeHomeAssistant:
         ha_version: str = HA_VERSION,
         max_pending: int = MAX_PENDING_MSG,
         supports_coalescing: bool = True,
+        admin: bool = True,
     ) -> None:
         self.token = token
+        # Whether the token's user is an administrator (admin-only commands answer
+        # `unauthorized` otherwise, as core's `require_admin` does).
+        self.admin = admin
         self.ha_version = ha_version
         self.max_pending = max_pending
         self.supports_coalescing = supports_coalescing
@@ -284,6 +291,7 @@ class FakeHomeAssistant:
         # state_changed and subscribe_entities messages sent, per entity id.
         self.entity_messages_sent: Counter[str] = Counter()
         self._closing: set[asyncio.Task[None]] = set()
+        self.house = FakeHouse(self)
         self._register_default_services()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -707,6 +715,8 @@ class FakeHomeAssistant:
                 "media_player", service, handler=player_service(state), target=PLAYER_TARGET
             )
         self.register_service("notify", "send_message")
+        for domain, service in HOUSE_SERVICES:
+            self.register_service(domain, service, handler=self.house.apply)
         self.register_service("text", "set_value")
 
     # -- websocket protocol ------------------------------------------------------------
@@ -823,6 +833,8 @@ class FakeHomeAssistant:
             "get_services": self._cmd_get_services,
             "subscribe_entities": self._cmd_subscribe_entities,
         }.get(kind)
+        if handler is None and self.house.handles(kind):
+            handler = self._cmd_house
         if handler is None and kind in REGISTRY_LISTS:
             handler = self._cmd_registry_list
         if handler is None:
@@ -869,12 +881,13 @@ class FakeHomeAssistant:
         self._send(client, _result(msg_id, list(self.states.values())))
 
     async def _cmd_current_user(self, client: _Client, msg_id: int, msg: dict[str, Any]) -> None:
-        # The owner's long-lived token: an admin (Node-RED's HA nodes refuse non-admins).
+        # A long-lived token of the owner (an admin) unless the fake says otherwise; Node-RED's
+        # HA nodes refuse non-admins.
         user = {
             "id": "0d2d7c3b5e6f4a1b9c8d7e6f5a4b3c2d",
             "name": "Owner",
-            "is_owner": True,
-            "is_admin": True,
+            "is_owner": self.admin,
+            "is_admin": self.admin,
             "credentials": [{"auth_provider_type": "homeassistant", "auth_provider_id": None}],
             "mfa_modules": [{"id": "totp", "name": "Authenticator app", "enabled": False}],
         }
@@ -924,6 +937,19 @@ class FakeHomeAssistant:
 
     async def _cmd_registry_list(self, client: _Client, msg_id: int, msg: dict[str, Any]) -> None:
         self._send(client, _result(msg_id, []))
+
+    async def _cmd_house(self, client: _Client, msg_id: int, msg: dict[str, Any]) -> None:
+        kind = str(msg["type"])
+        if kind in ADMIN_ONLY and not self.admin:
+            # core connection.async_handle_exception for `Unauthorized`.
+            self._send_error(client, msg_id, "unauthorized", "Unauthorized")
+            return
+        try:
+            result = self.house.command(kind, msg)
+        except CommandFailed as err:
+            self._send_error(client, msg_id, err.code, err.message)
+            return
+        self._send(client, _result(msg_id, result))
 
     async def _cmd_subscribe_entities(
         self, client: _Client, msg_id: int, msg: dict[str, Any]

@@ -140,3 +140,113 @@ async def test_http_requests_are_recorded(ha: FakeHomeAssistant, socket: Socket)
     async with aiohttp.ClientSession() as session, session.get(f"{ha.url}/api/") as response:
         assert response.status == 404  # no REST API in this fake
     assert ha.http_requests == ["GET /api/websocket", "GET /api/"]
+
+
+async def test_exposure_lists_stored_settings_only_as_core_does(
+    ha: FakeHomeAssistant, socket: Socket
+) -> None:
+    ha.house.add_entity("light.kitchen", "on", name="Kitchen")
+    ha.house.add_entity("light.porch", "off", name="Porch", expose=False)
+    ha.house.add_entity("light.legacy", "off", registered=False)
+    ha.house.add_entity("light.legacy_on", "off", registered=False, expose=True)
+    listed = (await socket.command("homeassistant/expose_entity/list"))["result"]
+    # Registered entities are listed with what is stored (nothing yet: {}); a legacy entity
+    # only once something stored a setting for it.
+    assert listed == {
+        "exposed_entities": {
+            "light.legacy_on": {"conversation": True},
+            "light.kitchen": {},
+            "light.porch": {"conversation": False},
+        }
+    }
+    reply = await socket.command("homeassistant/expose_new_entities/get", assistant="conversation")
+    assert reply["result"] == {"expose_new": True}
+    reply = await socket.command("homeassistant/expose_new_entities/get", assistant="cloud.alexa")
+    assert reply["result"] == {"expose_new": False}
+
+
+async def test_admin_only_commands_answer_unauthorized_to_other_users() -> None:
+    async with (
+        FakeHomeAssistant(admin=False) as ha,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(ha.ws_url) as ws,
+    ):
+        await ws.receive_json()
+        await ws.send_json({"type": "auth", "access_token": DEFAULT_TOKEN})
+        await ws.receive_json()
+        socket = Socket(ws)
+        reply = await socket.command("homeassistant/expose_entity/list")
+        assert reply["success"] is False
+        assert reply["error"] == {"code": "unauthorized", "message": "Unauthorized"}
+        assert (await socket.command("auth/current_user"))["result"]["is_admin"] is False
+        # Reading states and the registries needs no admin.
+        assert (await socket.command("config/entity_registry/get_entries", entity_ids=[]))[
+            "success"
+        ]
+
+
+async def test_registries_answer_in_cores_shapes(ha: FakeHomeAssistant, socket: Socket) -> None:
+    area = ha.house.add_area("living_room", "客厅", aliases=["起居室"])
+    device = ha.house.add_device("吊灯", area_id=area)
+    ha.house.add_entity(
+        "light.ceiling", "on", name="客厅灯", aliases=["大灯"], device_id=device, hidden=True
+    )
+    entries = (
+        await socket.command(
+            "config/entity_registry/get_entries", entity_ids=["light.ceiling", "light.none"]
+        )
+    )["result"]
+    assert entries["light.none"] is None
+    entry = entries["light.ceiling"]
+    assert entry["aliases"] == ["大灯"]
+    assert (entry["device_id"], entry["area_id"], entry["hidden_by"]) == (device, None, "user")
+    assert {"capabilities", "device_class", "original_device_class", "unique_id"} <= set(entry)
+    display = (await socket.command("config/entity_registry/list_for_display"))["result"]
+    assert display["entity_categories"] == {"0": "config", "1": "diagnostic"}
+    assert display["entities"] == [
+        {"ei": "light.ceiling", "pl": "demo", "lb": [], "di": device, "hb": True}
+    ]
+    (listed,) = (await socket.command("config/area_registry/list"))["result"]
+    assert (listed["area_id"], listed["name"], listed["aliases"]) == (area, "客厅", ["起居室"])
+    (listed,) = (await socket.command("config/device_registry/list"))["result"]
+    assert (listed["id"], listed["area_id"], listed["name_by_user"]) == (device, area, None)
+
+
+async def test_services_change_states_and_fire_state_changed(
+    ha: FakeHomeAssistant, socket: Socket
+) -> None:
+    ha.house.add_entity("light.kitchen", "off", name="Kitchen")
+    await socket.command("subscribe_events", event_type="state_changed")
+    await socket.ws.send_json(
+        {
+            "id": socket.next_id,
+            "type": "call_service",
+            "domain": "light",
+            "service": "turn_on",
+            "service_data": {"brightness_pct": 50},
+            "target": {"entity_id": ["light.kitchen"]},
+        }
+    )
+    event, result = await socket.receive(), await socket.receive()
+    # As in core: the state is written while the service runs, before the result is sent.
+    assert event["type"] == "event"
+    assert event["event"]["data"]["new_state"]["state"] == "on"
+    assert event["event"]["data"]["new_state"]["attributes"]["brightness"] == 128
+    assert result["success"] is True
+    assert set(result["result"]) == {"context"}
+
+
+async def test_conversation_process_answers_like_assist(
+    ha: FakeHomeAssistant, socket: Socket
+) -> None:
+    ha.house.agent = lambda text, language, agent_id: ("action_done", "已关闭")
+    reply = await socket.command("conversation/process", text="关灯", language="zh-cn")
+    result = reply["result"]
+    assert result["response"]["speech"] == {"plain": {"speech": "已关闭", "extra_data": None}}
+    assert result["response"]["response_type"] == "action_done"
+    assert result["response"]["data"] == {"targets": [], "success": [], "failed": []}
+    assert result["response"]["language"] == "zh-cn"
+    assert isinstance(result["conversation_id"], str)
+    assert result["continue_conversation"] is False
+    reply = await socket.command("conversation/process")
+    assert reply["error"]["code"] == "invalid_format"

@@ -810,6 +810,11 @@ class HomeAssistantClient:
         connection = await self.wait_connected()
         return await connection.get_states()
 
+    async def command(self, message: Mapping[str, Any], *, timeout_s: float | None = None) -> Any:
+        """Send one command on the live connection (waiting briefly for one); its `result`."""
+        connection = await self.wait_connected()
+        return await connection.command(message, timeout_s=timeout_s)
+
     async def call_service(
         self,
         domain: str,
