@@ -57,6 +57,7 @@ from xiaoai_bridge.sources.base import Source
 from xiaoai_bridge.sources.homeassistant import HomeAssistantSource
 from xiaoai_bridge.sources.mqtt import MqttSource
 from xiaoai_bridge.sources.xiaomi import XiaomiSource
+from xiaoai_bridge.tools.homeassistant import HomeAssistantTools
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -198,6 +199,8 @@ class Service:
     # Adapter name -> its connection's state, for /healthz.
     connections: dict[str, ReconnectPolicy] = field(default_factory=dict)
     mqtt: MqttConnection | None = None
+    # The Home Assistant connection, shared by its source, sink and tools.
+    homeassistant: HomeAssistantClient | None = None
     discovery: HomeAssistantDiscovery | None = None
     http: HttpServer | None = None
     # Clips of the external TTS, served by the HTTP server for the speakers to fetch.
@@ -316,6 +319,7 @@ async def _add_homeassistant(service: Service, stack: contextlib.AsyncExitStack)
         )
     )
     service.connections["homeassistant"] = client.policy
+    service.homeassistant = client
     service.sources.append(
         HomeAssistantSource(client, speakers=ha.speakers, freshness_s=ha.freshness_s)
     )
@@ -426,6 +430,19 @@ async def _add_tools(service: Service, stack: contextlib.AsyncExitStack) -> None
     tools = service.settings.tools
     # Sources are added here as they land: built-ins, Home Assistant, XiaoAi, MCP servers.
     del stack
+    ha_tools = tools.homeassistant
+    if service.homeassistant is not None and ha_tools.enabled is not False:
+        # Assist exposure in Home Assistant decides which entities the model sees.
+        service.tools.add(
+            HomeAssistantTools(
+                service.homeassistant,
+                assist=ha_tools.assist,
+                assist_agent_id=ha_tools.assist_agent_id,
+                assist_language=ha_tools.language,
+            )
+        )
+    elif ha_tools.enabled:
+        _LOGGER.warning("tools.homeassistant is on, but [homeassistant] is not configured")
     for source in service.tools.sources:
         if isinstance(source, ConnectedToolSource):
             service.jobs[f"tools:{source.name}"] = source.run
