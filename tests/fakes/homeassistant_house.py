@@ -221,6 +221,8 @@ class FakeHouse:
         self.devices: dict[str, dict[str, Any]] = {}
         self.legacy_exposure: dict[str, dict[str, dict[str, Any]]] = {}
         self.expose_new: dict[str, bool] = {}
+        # Commands this HA does not have yet (an older core answers unknown_command).
+        self.missing: set[str] = set()
         # conversation/process: text -> (response_type, speech); `agent` answers the rest.
         self.conversations: list[dict[str, Any]] = []
         self.agent: ConversationAgent = lambda text, language, agent_id: (
@@ -371,8 +373,8 @@ class FakeHouse:
         return handler(msg)
 
     def handles(self, kind: str) -> bool:
-        """Whether `kind` is a command of the house."""
-        return kind in self._commands()
+        """Whether `kind` is a command of the house (and of this HA version)."""
+        return kind in self._commands() and kind not in self.missing
 
     def _commands(self) -> dict[str, Callable[[Mapping[str, Any]], Any]]:
         return {

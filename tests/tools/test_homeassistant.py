@@ -340,6 +340,38 @@ async def test_it_reads_the_house_again_after_home_assistant_restarts(
     await eventually(lambda: "25.0 °C" in str(tools.tools()[0].spec))
 
 
+async def test_an_older_home_assistant_is_reported_once_and_retried_gently(
+    ha: FakeHomeAssistant, caplog: pytest.LogCaptureFixture
+) -> None:
+    build_house(ha)
+    ha.house.missing.add("config/entity_registry/get_entries")
+    async with make_client(ha) as client:
+        tools = HomeAssistantTools(client, retry_s=0.01, refresh_s=0.05)
+        with caplog.at_level(logging.DEBUG, "xiaoai_bridge.tools.homeassistant"):
+            task = asyncio.create_task(tools.run())
+            await ha.wait_for_commands("homeassistant/expose_entity/list", 4, within_s=5)
+            health, offered = tools.health(), tools.tools()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert not health.ok
+    assert "unknown_command" in health.detail
+    assert offered == []
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "cannot read the exposed entities" in warnings[0].getMessage()
+
+
+async def test_specs_are_rebuilt_only_after_a_change(
+    ha: FakeHomeAssistant, tools: HomeAssistantTools
+) -> None:
+    first = tools.tools()[0].spec
+    assert tools.tools()[0].spec is first
+    ha.set_state("sensor.living_temperature", "19.0", {"unit_of_measurement": "°C"})
+    await eventually(lambda: tools.tools()[0].spec is not first)
+    assert "19.0 °C" in str(tools.tools()[0].spec.parameters)
+
+
 async def test_assist_hands_the_words_to_home_assistants_agent(ha: FakeHomeAssistant) -> None:
     build_house(ha)
     ha.house.agent = lambda text, language, agent_id: ("action_done", "已关闭客厅灯")

@@ -375,11 +375,14 @@ class HomeAssistantTools:
         self._last_error: str | None = None
         self._conversations: OrderedDict[SpeakerId, str] = OrderedDict()
         self._tools: dict[str, Tool] = {
-            GET_STATE: _Tool(GET_STATE, self._get_state_spec, self._get_state),
-            CONTROL: _Tool(CONTROL, self._control_spec, self._control),
-            ASSIST: _Tool(ASSIST, self._assist_spec, self._assist_call),
+            GET_STATE: _Tool(self._get_state_spec, self._get_state, self._changes),
+            CONTROL: _Tool(self._control_spec, self._control, self._changes),
+            ASSIST: _Tool(self._assist_spec, self._assist_call, self._changes),
         }
         self.refreshes = 0
+        # Counts every change a spec could show (refreshes, states), so specs are rebuilt
+        # only when one happened, not each time the loop looks at a tool.
+        self.changes = 0
 
     @property
     def name(self) -> str:
@@ -390,6 +393,9 @@ class HomeAssistantTools:
     def exposed(self) -> Mapping[str, ExposedEntity]:
         """The entities exposed to Assist as last read (empty before the first read)."""
         return dict(self._house.exposed) if self._house is not None else {}
+
+    def _changes(self) -> int:
+        return self.changes
 
     def tools(self) -> Sequence[Tool]:
         """The entity tools while HA is connected and something is exposed; ha_assist if on."""
@@ -422,22 +428,32 @@ class HomeAssistantTools:
 
     async def run(self) -> None:
         """Read what is exposed on every connection and keep it fresh; never returns."""
+        failures = 0
         while True:
             try:
                 connection = await self._client.wait_connected()
             except HomeAssistantAuthError as err:
                 self._fatal = f"Home Assistant rejected the token: {err}"
                 await asyncio.Event().wait()  # the client gave up; so do the tools, quietly
+                continue
             except HomeAssistantConnectionError:
                 await self._sleep(self._retry_s)
                 continue
+            refreshes = self.refreshes
             try:
                 await self._serve(connection)
+                failures = 0
             except HomeAssistantError as err:
-                self._last_error = f"cannot read the exposed entities: {err}"
-                _LOGGER.warning("%s tools: %s", SOURCE_NAME, self._last_error)
+                if self.refreshes != refreshes:
+                    failures = 0  # it worked for a while: start the backoff again
+                error = f"cannot read the exposed entities: {err}"
+                # An HA too old for a command fails the same way each time: said once.
+                log = _LOGGER.warning if error != self._last_error else _LOGGER.debug
+                log("%s tools: %s", SOURCE_NAME, error)
+                self._last_error = error
+                failures += 1
             if not connection.closed:
-                await self._sleep(self._retry_s)
+                await self._sleep(min(self._retry_s * 2 ** min(failures, 16), self._refresh_s))
 
     async def _serve(self, connection: HomeAssistantConnection) -> None:
         """Refresh on this connection whenever a registry changes or the backstop is due."""
@@ -500,6 +516,7 @@ class HomeAssistantTools:
         self._states = exposed_states
         self._last_error = None
         self.refreshes += 1
+        self.changes += 1
         changed = previous is None or set(previous.exposed) != set(house.exposed)
         if changed:
             _LOGGER.info("%s tools: %d entities exposed to Assist", SOURCE_NAME, len(house.exposed))
@@ -609,6 +626,7 @@ class HomeAssistantTools:
                     self._states.pop(change.entity_id, None)
                 else:
                     self._states[change.entity_id] = change.new_state
+                self.changes += 1
 
         subscriptions.append(await connection.subscribe_entities(house.exposed, on_states))
 
@@ -858,25 +876,29 @@ class HomeAssistantTools:
 
 
 class _Tool:
-    """One of the source's tools; its spec is built on each look, so states stay current."""
+    """One of the source's tools; its spec shows the current states, rebuilt after changes."""
 
     def __init__(
         self,
-        name: str,
         spec: Callable[[], ToolSpec],
         run: Callable[[Mapping[str, object], ToolContext], Awaitable[ToolOutput]],
+        changes: Callable[[], int],
     ) -> None:
-        self._name = name
-        self._spec = spec
+        self._build = spec
         self._run = run
+        self._changes = changes
+        self._built: tuple[int, ToolSpec] | None = None
 
     def __repr__(self) -> str:
-        return f"<HomeAssistant tool {self._name}>"
+        return f"<HomeAssistant tool {self.spec.name}>"
 
     @property
     def spec(self) -> ToolSpec:
         """Name, description and schema (with the exposed entities and their states)."""
-        return self._spec()
+        changes = self._changes()
+        if self._built is None or self._built[0] != changes:
+            self._built = (changes, self._build())
+        return self._built[1]
 
     def offered_to(self, context: ToolContext) -> bool:
         """Any speaker may use Home Assistant."""
