@@ -245,6 +245,8 @@ async def test_only_allow_listed_services_and_fields_are_called(
         ({"entity": "空调", "service": "set_hvac_mode", "hvac_mode": "party"}, "hvac_mode"),
         ({"entity": "空调", "service": "set_temperature"}, "needs temperature"),
         ({"entity": 42, "service": "turn_on"}, "entity is required"),
+        # No secrets through the model: a lock code is not taken.
+        ({"entity": "前门锁", "service": "unlock", "code": "1234"}, "does not apply"),
     ]
     for arguments, message in cases:
         with pytest.raises(ToolError, match=message):

@@ -139,12 +139,14 @@ ALLOWED_SERVICES: dict[str, dict[str, frozenset[str]]] = {
         "pause": frozenset(),
         "return_to_base": frozenset(),
     },
-    "lock": {"lock": frozenset({"code"}), "unlock": frozenset({"code"})},
+    # No `code` field: a spoken code would pass through the model, the log and the status
+    # page; a lock or panel that needs one answers with HA's own error instead.
+    "lock": {"lock": frozenset(), "unlock": frozenset()},
     "alarm_control_panel": {
-        "alarm_arm_home": frozenset({"code"}),
-        "alarm_arm_away": frozenset({"code"}),
-        "alarm_arm_night": frozenset({"code"}),
-        "alarm_disarm": frozenset({"code"}),
+        "alarm_arm_home": frozenset(),
+        "alarm_arm_away": frozenset(),
+        "alarm_arm_night": frozenset(),
+        "alarm_disarm": frozenset(),
     },
     "button": {"press": frozenset()},
     "input_button": {"press": frozenset()},
@@ -738,10 +740,6 @@ class HomeAssistantTools:
             "humidity": {"type": "integer", "minimum": 0, "maximum": 100},
             "volume_level": {"type": "number", "minimum": 0, "maximum": 1},
             "is_volume_muted": {"type": "boolean"},
-            "code": {
-                "type": "string",
-                "description": "A lock or alarm code, if the user said one.",
-            },
         }
         return ToolSpec(
             name=CONTROL,
@@ -1027,12 +1025,6 @@ def _flag(key: str, value: object) -> bool:
     return value
 
 
-def _code(key: str, value: object) -> str:
-    if not isinstance(value, str) or not value or len(value) > 32:
-        raise ToolError(f"{key} must be a short string")
-    return value
-
-
 _FIELDS: dict[str, Callable[[str, object], object]] = {
     "brightness_pct": _percent,
     "position": _percent,
@@ -1043,7 +1035,6 @@ _FIELDS: dict[str, Callable[[str, object], object]] = {
     "volume_level": _volume,
     "hvac_mode": _hvac_mode,
     "is_volume_muted": _flag,
-    "code": _code,
 }
 # Services that do nothing without their value.
 _NEEDS: dict[str, str] = {
