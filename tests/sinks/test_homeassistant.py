@@ -15,14 +15,17 @@ from tests.fakes.homeassistant_server import (
     FakeSpeaker,
     RecordedCall,
 )
-from xiaoai_bridge.clients.homeassistant import HomeAssistantClient, HomeAssistantCommandError
+from xiaoai_bridge.clients.homeassistant import (
+    HomeAssistantClient,
+    HomeAssistantCommandError,
+    refuses_responses,
+)
 from xiaoai_bridge.models import Answer, HomeAssistantRoute, Outcome, SpeechChunk, Utterance
 from xiaoai_bridge.reconnect import ReconnectPolicy
 from xiaoai_bridge.sinks.homeassistant import (
     INTELLIGENT_SPEAKER,
     NOTIFY_SEND_MESSAGE,
     HomeAssistantSink,
-    refuses_responses,
     resolve_speak_service,
 )
 from xiaoai_bridge.spoken import estimate_speech_s

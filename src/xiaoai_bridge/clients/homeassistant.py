@@ -72,6 +72,16 @@ class HomeAssistantCommandError(HomeAssistantError):
         self.message = message
 
 
+def refuses_responses(err: HomeAssistantCommandError) -> bool:
+    """Whether Home Assistant refused `return_response` because the service gives none."""
+    # No translation_key before 2024.1 (a plain ValueError, "unknown_error"), so the
+    # message is what every version shares.
+    message = err.message.lower()
+    return "return_response" in message and (
+        "does not support responses" in message or "does not return responses" in message
+    )
+
+
 def websocket_url(url: str) -> yarl.URL:
     """Turn a base URL (http://host:8123) or a websocket URL into the websocket API URL."""
     parsed = yarl.URL(url)

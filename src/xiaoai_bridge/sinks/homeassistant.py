@@ -20,6 +20,7 @@ from xiaoai_bridge.clients.homeassistant import (
     HomeAssistantClient,
     HomeAssistantCommandError,
     HomeAssistantError,
+    refuses_responses,
 )
 from xiaoai_bridge.models import Answer, HomeAssistantRoute, SpeechChunk, Utterance
 from xiaoai_bridge.pipeline.ports import Sink
@@ -116,16 +117,6 @@ def resolve_speak_service(
         return NOTIFY_SEND_MESSAGE
     return SpeakService(
         domain, name, text_field=text_field or "text", entity_field=entity_field, data=data or {}
-    )
-
-
-def refuses_responses(err: HomeAssistantCommandError) -> bool:
-    """Whether Home Assistant refused `return_response` because the service gives none."""
-    # No translation_key before 2024.1 (a plain ValueError, "unknown_error"), so the
-    # message is what every version shares.
-    message = err.message.lower()
-    return "return_response" in message and (
-        "does not support responses" in message or "does not return responses" in message
     )
 
 
