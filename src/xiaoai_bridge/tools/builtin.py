@@ -19,7 +19,7 @@ from xiaoai_bridge.pipeline.tool_ports import (
 )
 
 SOURCE_NAME = "builtin"
-CURRENT_TIME = "current_time"
+CURRENT_TIME = "get_current_time"
 FORGET_CONVERSATION = "forget_conversation"
 CONTINUOUS_CONVERSATION = "continuous_conversation"
 
@@ -80,7 +80,7 @@ class CurrentTimeTool(Tool):
 
     @property
     def spec(self) -> ToolSpec:
-        """The `current_time` function."""
+        """The `get_current_time` function."""
         return self._spec
 
     def offered_to(self, context: ToolContext) -> bool:
