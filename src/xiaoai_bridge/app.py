@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import tempfile
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+import zoneinfo
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from xiaoai_bridge.errors import ConfigError, DataDirError
 from xiaoai_bridge.http import HttpServer, open_http
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
 from xiaoai_bridge.log import register_secrets_of
-from xiaoai_bridge.models import Answer, XiaomiRoute
+from xiaoai_bridge.models import Answer, SpeakerId, XiaomiRoute
 from xiaoai_bridge.pipeline.controls import Controls
 from xiaoai_bridge.pipeline.dispatcher import Dispatcher
 from xiaoai_bridge.pipeline.inbox import Inbox
@@ -57,7 +58,9 @@ from xiaoai_bridge.sources.base import Source
 from xiaoai_bridge.sources.homeassistant import HomeAssistantSource
 from xiaoai_bridge.sources.mqtt import MqttSource
 from xiaoai_bridge.sources.xiaomi import XiaomiSource
+from xiaoai_bridge.tools.builtin import BuiltinTools, local_time_zone
 from xiaoai_bridge.tools.homeassistant import HomeAssistantTools
+from xiaoai_bridge.tools.xiaoai import XiaoAiSkills
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -201,6 +204,9 @@ class Service:
     mqtt: MqttConnection | None = None
     # The Home Assistant connection, shared by its source, sink and tools.
     homeassistant: HomeAssistantClient | None = None
+    # The Xiaomi cloud's MIoT client and model table, shared by its sink and tools.
+    miot: MiotClient | None = None
+    speaker_models: Mapping[str, SpeakerActions] = field(default_factory=dict)
     discovery: HomeAssistantDiscovery | None = None
     http: HttpServer | None = None
     # Clips of the external TTS, served by the HTTP server for the speakers to fetch.
@@ -390,6 +396,7 @@ async def _add_xiaomi(service: Service, stack: contextlib.AsyncExitStack) -> Non
     service.sources.append(source)
     service.connections["xiaomi"] = source.discovery  # the account and speaker lookup
     models = {hardware: SpeakerActions(**row.model_dump()) for hardware, row in mi.models.items()}
+    service.miot, service.speaker_models = miot, models
     tts_engine: TtsEngine | None = None
     if mi.tts == "url":
         public_url = settings.http.public_url
@@ -443,11 +450,40 @@ async def _add_tools(service: Service, stack: contextlib.AsyncExitStack) -> None
         )
     elif ha_tools.enabled:
         _LOGGER.warning("tools.homeassistant is on, but [homeassistant] is not configured")
+    if tools.xiaoai and (service.homeassistant is not None or service.miot is not None):
+        service.tools.add(
+            XiaoAiSkills(
+                homeassistant=service.homeassistant,
+                miot=service.miot,
+                models=service.speaker_models,
+                silent=tools.xiaoai_silent,
+            )
+        )
+    if tools.builtin:
+        service.tools.add(builtin_tools(service))
     for source in service.tools.sources:
         if isinstance(source, ConnectedToolSource):
             service.jobs[f"tools:{source.name}"] = source.run
     names = ", ".join(source.name for source in service.tools.sources) or "none"
     _LOGGER.info("tools: up to %d rounds per question; sources: %s", tools.max_rounds, names)
+
+
+def builtin_tools(service: Service) -> BuiltinTools:
+    """The date and time, and the forget and continuous-conversation commands, as tools."""
+    name = service.settings.tools.timezone
+    pipeline = service.pipeline
+
+    async def forget(speaker: SpeakerId) -> None:
+        await service.controls.forget(speaker, by="the model")
+
+    def set_continuous(speaker: SpeakerId, on: bool) -> None:
+        pipeline.set_continuous(speaker, on=on)
+
+    return BuiltinTools(
+        tz=zoneinfo.ZoneInfo(name) if name else local_time_zone(),
+        forget=forget,
+        set_continuous=set_continuous,
+    )
 
 
 @contextlib.asynccontextmanager

@@ -830,6 +830,11 @@ class ToolsSettings(_Section):
         description="Let the model ask XiaoAi to carry out a command with its own skills "
         "(alarms, timers, music, Mi Home devices), in Home Assistant and Xiaomi cloud modes.",
     )
+    xiaoai_silent: bool = Field(
+        default=False,
+        description="XiaoAi carries such commands out without answering aloud (the model's "
+        "own answer then says it is done).",
+    )
     homeassistant: ToolsHomeAssistantSettings = Field(default_factory=ToolsHomeAssistantSettings)
     mcp: tuple[McpServerSettings, ...] = Field(
         default=(), description="MCP servers, each a [[tools.mcp]] table."

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 import zoneinfo
 from datetime import UTC, datetime
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -17,6 +19,7 @@ from xiaoai_bridge.tools.builtin import (
     FORGET_CONVERSATION,
     BuiltinTools,
     describe_now,
+    local_time_zone,
 )
 
 SHANGHAI = zoneinfo.ZoneInfo("Asia/Shanghai")
@@ -146,3 +149,40 @@ async def test_continuous_conversation_needs_a_boolean(arguments: dict[str, obje
     with pytest.raises(ToolError, match="'on'"):
         await continuous.call(arguments, KITCHEN)
     assert recorder.continuous == []
+
+
+def zone_file(folder: Path, key: str) -> Path:
+    """A zoneinfo tree holding one zone, from the tzdata package."""
+    data = importlib.resources.files("tzdata.zoneinfo").joinpath(key).read_bytes()
+    path = folder / "zoneinfo" / key
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_local_time_zone_follows_tz(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TZ", ":Asia/Shanghai")
+    assert local_time_zone(tmp_path / "missing") == SHANGHAI
+
+
+def test_local_time_zone_reads_localtime_with_its_rules(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("TZ", raising=False)
+    localtime = tmp_path / "localtime"
+    localtime.symlink_to(zone_file(tmp_path, "America/New_York"))
+    tz = local_time_zone(localtime)
+    assert getattr(tz, "key", None) == "America/New_York"
+    # Its daylight-saving rules, not just today's offset.
+    assert (
+        datetime(2026, 7, 1, tzinfo=tz).utcoffset() != datetime(2026, 1, 1, tzinfo=tz).utcoffset()
+    )
+
+
+def test_local_time_zone_without_any_zone_data(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("TZ", raising=False)
+    tz = local_time_zone(tmp_path / "missing")
+    now = datetime.now(tz)
+    assert now.utcoffset() == datetime.now().astimezone().utcoffset()

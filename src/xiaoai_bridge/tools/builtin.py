@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
 import zoneinfo
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, tzinfo
+from pathlib import Path
 
 from xiaoai_bridge.llm.base import ToolSpec
 from xiaoai_bridge.models import SpeakerId
@@ -38,6 +40,34 @@ _NO_ARGUMENTS: Mapping[str, object] = {
     "properties": {},
     "additionalProperties": False,
 }
+
+
+def local_time_zone(localtime: Path = Path("/etc/localtime")) -> tzinfo:
+    """The system's time zone, with its daylight-saving rules where the system has them.
+
+    `$TZ` when it names a zone, else `localtime`'s rules, else the offset in force now (which
+    a long-running process would keep across a daylight-saving change).
+    """
+    name = os.environ.get("TZ", "").removeprefix(":")
+    if name:
+        try:
+            return zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            pass  # a POSIX rule like "CST-8": the C library applies it to local time below
+    else:
+        try:
+            with localtime.open("rb") as file:
+                return zoneinfo.ZoneInfo.from_file(file, key=_zone_key(localtime))
+        except (OSError, ValueError):
+            pass  # no such file (slim containers), or not a TZif file
+    return datetime.now().astimezone().tzinfo or zoneinfo.ZoneInfo("UTC")
+
+
+def _zone_key(localtime: Path) -> str | None:
+    # /etc/localtime is usually a link into a zoneinfo folder: its target names the zone.
+    target = str(localtime.resolve())
+    _, found, key = target.rpartition("zoneinfo/")
+    return key if found and key else None
 
 
 def describe_now(now: datetime) -> str:
