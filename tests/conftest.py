@@ -26,7 +26,20 @@ API_KEY = "sk-test-0123456789abcdef"
 # `pytest -m unit` while working, the whole suite before landing.
 _E2E_FOLDERS = ("e2e", "container", "fakes")
 _E2E_FIXTURES = frozenset(
-    {"mosquitto", "probe", "bridge", "start_bridge", "browser", "llm", "ha", "cloud", "auth"}
+    {
+        "mosquitto",
+        "probe",
+        "bridge",
+        "start_bridge",
+        "browser",
+        "llm",
+        "ha",
+        "cloud",
+        "auth",
+        "mcp_stdio",
+        "mcp_http",
+        "mcp_sse",
+    }
 )
 
 

@@ -136,5 +136,6 @@ def setup_logging(level: str, secrets: Iterable[str] = ()) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("amqtt", "transitions", "aiomqtt"):
+    # httpx logs each MCP request (pings too) at INFO; the MCP SDK logs session ids at INFO.
+    for noisy in ("amqtt", "transitions", "aiomqtt", "httpx", "mcp"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
