@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,12 @@ import pytest
 from pydantic import SecretStr
 
 from tests.fakes.homeassistant_server import FakeHomeAssistant
+from tests.fakes.mcp_server import SCRIPT, McpHttpServer
 from tests.fakes.mosquitto import Mosquitto
 from tests.fakes.openai_server import FakeOpenAI
 from xiaoai_bridge.app import run_service
 from xiaoai_bridge.config import HttpSettings, LLMSettings, MqttSettings, Settings
+from xiaoai_bridge.tools.mcp import McpServer, McpTransport
 
 API_KEY = "sk-test-0123456789abcdef"
 # Tests that start a program or a loopback server (mosquitto, the CLI, a browser, the fake
@@ -53,6 +56,41 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 WAIT_S = 10.0
+
+
+def stdio_settings(**changes: object) -> McpServer:
+    settings = McpServer(
+        name="fake",
+        transport=McpTransport.STDIO,
+        command=sys.executable,
+        args=(str(SCRIPT), "stdio"),
+    )
+    return replace(settings, **changes)  # type: ignore[arg-type]
+
+
+StdioServer = Callable[..., McpServer]
+
+
+@pytest.fixture
+def mcp_stdio() -> StdioServer:
+    """Settings for the fake MCP server over stdio (the source starts it), with changes."""
+    return stdio_settings
+
+
+@pytest.fixture
+def mcp_http() -> Iterator[McpHttpServer]:
+    """The fake MCP server over Streamable HTTP, not started yet."""
+    server = McpHttpServer("http")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def mcp_sse() -> Iterator[McpHttpServer]:
+    """The fake MCP server over SSE, not started yet."""
+    server = McpHttpServer("sse")
+    yield server
+    server.close()
 
 
 @pytest.fixture

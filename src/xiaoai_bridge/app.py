@@ -31,6 +31,7 @@ from xiaoai_bridge.clients.xiaomi import (
 from xiaoai_bridge.config import (
     DEFAULT_EMBEDDED_HOST,
     XIAOMI_TOKEN_FILE,
+    McpServerSettings,
     Settings,
     ToolsSettings,
     TriggerSettings,
@@ -60,6 +61,7 @@ from xiaoai_bridge.sources.mqtt import MqttSource
 from xiaoai_bridge.sources.xiaomi import XiaomiSource
 from xiaoai_bridge.tools.builtin import BuiltinTools, local_time_zone
 from xiaoai_bridge.tools.homeassistant import HomeAssistantTools
+from xiaoai_bridge.tools.mcp import McpServer, McpToolSource, McpTransport
 from xiaoai_bridge.tools.xiaoai import XiaoAiSkills
 
 _LOGGER = logging.getLogger(__name__)
@@ -161,6 +163,21 @@ async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
             )
     finally:
         await backend.aclose()
+
+
+def mcp_server(entry: McpServerSettings) -> McpServer:
+    """One `[[tools.mcp]]` table as the MCP tool source's settings, secrets revealed."""
+    return McpServer(
+        name=entry.name,
+        transport=McpTransport(entry.kind),
+        command=entry.command or "",
+        args=entry.args,
+        env={key: value.get_secret_value() for key, value in entry.env.items()} or None,
+        url=entry.url or "",
+        headers={key: value.get_secret_value() for key, value in entry.headers.items()},
+        bearer_token=entry.token.get_secret_value() if entry.token is not None else None,
+        allowed_tools=frozenset(entry.allow) or None,
+    )
 
 
 def tool_loop_settings(tools: ToolsSettings) -> ToolLoopSettings:
@@ -461,6 +478,8 @@ async def _add_tools(service: Service, stack: contextlib.AsyncExitStack) -> None
         )
     if tools.builtin:
         service.tools.add(builtin_tools(service))
+    for entry in tools.mcp:
+        service.tools.add(McpToolSource(mcp_server(entry)))
     for source in service.tools.sources:
         if isinstance(source, ConnectedToolSource):
             service.jobs[f"tools:{source.name}"] = source.run

@@ -17,6 +17,7 @@ from pydantic import SecretStr
 
 from xiaoai_bridge import __version__
 from xiaoai_bridge.app import (
+    mcp_server,
     mina_client,
     open_pipeline,
     prepare_data_dir,
@@ -36,6 +37,7 @@ from xiaoai_bridge.errors import BridgeError, ConfigError, DataDirError, LLMErro
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
 from xiaoai_bridge.log import register_secrets_of, setup_logging
 from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
+from xiaoai_bridge.tools.mcp import check_server
 
 # Exit codes, documented in the README.
 EXIT_OK = 0
@@ -218,6 +220,10 @@ async def _check(settings: Settings) -> int:
     if settings.xiaomi.enabled:
         ok, detail = await _check_xiaomi(settings)
         report(ok, "xiaomi", detail)
+    if settings.tools.enabled:
+        for entry in settings.tools.mcp:
+            health = await check_server(mcp_server(entry), timeout_s=CHECK_TIMEOUT_S)
+            report(health.ok, f"mcp {entry.name}", health.detail)
     backend = OpenAICompatBackend(settings.llm)
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S):

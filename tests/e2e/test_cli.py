@@ -12,6 +12,7 @@ import aiomqtt
 import pytest
 
 from tests.conftest import API_KEY
+from tests.fakes.mcp_server import SCRIPT, TOKEN, McpHttpServer
 from tests.fakes.mosquitto import Mosquitto, free_port
 from tests.fakes.openai_server import FakeOpenAI
 from xiaoai_bridge import __version__
@@ -138,6 +139,25 @@ async def test_check_reports_each_part(
     assert "FAIL llm:" in out
     assert "FAIL mqtt:" in out
     assert API_KEY not in out
+
+
+async def test_check_reports_each_mcp_server(
+    tmp_path: Path, llm: FakeOpenAI, mosquitto: Mosquitto, mcp_http: McpHttpServer
+) -> None:
+    config = write_config(tmp_path, mosquitto.url, llm)
+    with config.open("a", encoding="utf-8") as file:
+        file.write(
+            f'[[tools.mcp]]\nname = "local"\ncommand = "{sys.executable}"\n'
+            f'args = ["{SCRIPT}", "stdio"]\nallow = ["echo", "add"]\n'
+            f'[[tools.mcp]]\nname = "web"\nurl = "{mcp_http.url}"\ntoken = "{TOKEN}"\n'
+        )
+    code, out, _ = await run_cli(
+        "check", "--config", str(config), env=clean_env(tmp_path), cwd=tmp_path
+    )
+    assert code == 1
+    assert "ok   mcp local: 2 tools: echo, add" in out.splitlines()
+    assert "FAIL mcp web: cannot connect" in out.splitlines()
+    assert TOKEN not in out
 
 
 async def test_run_with_no_config_starts_an_embedded_broker(tmp_path: Path) -> None:

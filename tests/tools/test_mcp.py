@@ -6,7 +6,7 @@ import asyncio
 import logging
 import stat
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -16,12 +16,15 @@ import pytest
 from mcp import types
 from pydantic import AnyUrl
 
+from tests.conftest import StdioServer
 from tests.fakes.mcp_server import API_KEY, API_KEY_HEADER, SCRIPT, TOKEN, McpHttpServer
+from xiaoai_bridge.app import mcp_server
+from xiaoai_bridge.config import load_settings
 from xiaoai_bridge.models import Utterance
 from xiaoai_bridge.pipeline.tool_ports import ToolContext, ToolError
 from xiaoai_bridge.tools.mcp import (
     MAX_RESULT_CHARS,
-    McpServerSettings,
+    McpServer,
     McpToolSource,
     McpTransport,
     check_server,
@@ -33,18 +36,8 @@ WAIT_S = 20.0
 TICK_S = 0.01
 
 
-def stdio_settings(**changes: object) -> McpServerSettings:
-    settings = McpServerSettings(
-        name="fake",
-        transport=McpTransport.STDIO,
-        command=sys.executable,
-        args=(str(SCRIPT), "stdio"),
-    )
-    return replace(settings, **changes)  # type: ignore[arg-type]
-
-
-def http_settings(server: McpHttpServer, **changes: object) -> McpServerSettings:
-    settings = McpServerSettings(
+def http_settings(server: McpHttpServer, **changes: object) -> McpServer:
+    settings = McpServer(
         name="web",
         transport=McpTransport.STREAMABLE_HTTP if server.url.endswith("/mcp") else McpTransport.SSE,
         url=server.url,
@@ -52,31 +45,6 @@ def http_settings(server: McpHttpServer, **changes: object) -> McpServerSettings
         bearer_token=TOKEN,
     )
     return replace(settings, **changes)  # type: ignore[arg-type]
-
-
-StdioServer = Callable[..., McpServerSettings]
-
-
-@pytest.fixture
-def mcp_stdio() -> StdioServer:
-    """Settings for the fake MCP server over stdio (the source starts it), with changes."""
-    return stdio_settings
-
-
-@pytest.fixture
-def mcp_http() -> Iterator[McpHttpServer]:
-    """The fake MCP server over Streamable HTTP, not started yet."""
-    server = McpHttpServer("http")
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def mcp_sse() -> Iterator[McpHttpServer]:
-    """The fake MCP server over SSE, not started yet."""
-    server = McpHttpServer("sse")
-    yield server
-    server.close()
 
 
 def context() -> ToolContext:
@@ -310,12 +278,12 @@ async def test_check_connects_once(mcp_stdio: StdioServer, mcp_http: McpHttpServ
 
 def test_settings_are_checked_and_hide_secrets() -> None:
     with pytest.raises(ValueError, match="name"):
-        McpServerSettings(name="has space", transport=McpTransport.STDIO, command="x")
+        McpServer(name="has space", transport=McpTransport.STDIO, command="x")
     with pytest.raises(ValueError, match="command"):
-        McpServerSettings(name="a", transport=McpTransport.STDIO)
+        McpServer(name="a", transport=McpTransport.STDIO)
     with pytest.raises(ValueError, match="url"):
-        McpServerSettings(name="a", transport=McpTransport.STREAMABLE_HTTP, url="ftp://x")
-    settings = McpServerSettings(
+        McpServer(name="a", transport=McpTransport.STREAMABLE_HTTP, url="ftp://x")
+    settings = McpServer(
         name="a",
         transport=McpTransport.STREAMABLE_HTTP,
         url="http://127.0.0.1:1/mcp",
@@ -365,3 +333,22 @@ def test_results_are_text_summaries_cut_to_length() -> None:
         ]
     )
     assert result_text(resource) == "inside\n[resource file:///a.bin application/octet-stream]"
+
+
+def test_config_tables_become_server_settings(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.toml"
+    path.write_text(
+        '[[tools.mcp]]\nname = "ha"\nurl = "http://127.0.0.1:8123/api/mcp"\ntoken = "t0ken-abc"\n'
+        'headers = { "X-Key" = "k3y-abc" }\nallow = ["HassTurnOn"]\n'
+        '[[tools.mcp]]\nname = "local"\ncommand = "uvx"\nargs = ["server"]\n'
+        'env = { API_KEY = "s3cret-abc" }\n',
+        encoding="utf-8",
+    )
+    path.chmod(0o600)
+    ha, local = (mcp_server(entry) for entry in load_settings(path).tools.mcp)
+    assert ha.transport is McpTransport.STREAMABLE_HTTP
+    assert ha.http_headers() == {"X-Key": "k3y-abc", "Authorization": "Bearer t0ken-abc"}
+    assert ha.allowed_tools == frozenset({"HassTurnOn"})
+    assert local.transport is McpTransport.STDIO
+    assert (local.command, local.args, local.env) == ("uvx", ("server",), {"API_KEY": "s3cret-abc"})
+    assert local.allowed_tools is None

@@ -60,8 +60,8 @@ class McpTransport(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class McpServerSettings:
-    """One MCP server: how to reach it and which of its tools to offer (None: all)."""
+class McpServer:
+    """How to reach one MCP server and which of its tools to offer (None: all)."""
 
     name: str
     transport: McpTransport
@@ -159,7 +159,7 @@ class McpToolSource:
 
     def __init__(
         self,
-        settings: McpServerSettings,
+        settings: McpServer,
         *,
         policy: ReconnectPolicy | None = None,
         sleep: Sleep = asyncio.sleep,
@@ -401,7 +401,7 @@ def _shorten(text: str) -> str:
 
 @asynccontextmanager
 async def _transport(
-    settings: McpServerSettings, errlog: TextIO | None
+    settings: McpServer, errlog: TextIO | None
 ) -> AsyncIterator[
     tuple[
         MemoryObjectReceiveStream[SessionMessage | Exception],
@@ -442,7 +442,7 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
-def _unavailable(error: Exception, settings: McpServerSettings) -> McpUnavailableError:
+def _unavailable(error: Exception, settings: McpServer) -> McpUnavailableError:
     """A foreign error as a short reason that holds no url, header or token."""
     leaves = [leaf for leaf in _leaves(error) if not isinstance(leaf, asyncio.CancelledError)]
     leaf = leaves[0] if leaves else error
@@ -473,7 +473,7 @@ def _classify(error: Exception) -> Retry | None:
 
 
 async def check_server(
-    settings: McpServerSettings,
+    settings: McpServer,
     *,
     timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
     errlog: TextIO | None = None,
