@@ -208,7 +208,7 @@ class McpToolSource:
             self.policy.stopped()
 
     def _down(self, error: Exception, delay: float) -> None:
-        self._down_reason = f"{error}; retrying in {delay:.0f} s"
+        self._down_reason = f"{error}; retrying in {round(delay, 1):g} s"
 
     async def _attempt(self) -> None:
         try:
