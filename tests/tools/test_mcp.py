@@ -28,6 +28,7 @@ from xiaoai_bridge.tools.mcp import (
     McpToolSource,
     McpTransport,
     check_server,
+    list_server_tools,
     model_tool_name,
     result_text,
 )
@@ -274,6 +275,32 @@ async def test_check_connects_once(mcp_stdio: StdioServer, mcp_http: McpHttpServ
     up = await check_server(mcp_stdio(allowed_tools=frozenset({"echo"})), timeout_s=WAIT_S)
     assert up.ok
     assert up.detail == "1 tools: echo"
+
+
+async def test_a_server_that_never_answers_times_out(mcp_stdio: StdioServer) -> None:
+    # It reads its stdin to the end and says nothing: an initialize that never returns.
+    silent = mcp_stdio(args=("-c", "import sys; sys.stdin.read()"))
+    delays: list[float] = []
+    gate = asyncio.Event()
+
+    async def sleep(delay: float) -> None:
+        delays.append(delay)
+        await gate.wait()
+
+    source = McpToolSource(silent, connect_timeout_s=0.1, sleep=sleep)
+    async with running(source):
+        await until(lambda: bool(delays))
+        assert source.health().detail.startswith("no answer in time; retrying in ")
+    checked = await check_server(silent, timeout_s=0.1)
+    assert (checked.ok, checked.detail) == (False, "no answer in time")
+
+
+async def test_listing_once_gives_the_specs_the_model_would_see(mcp_stdio: StdioServer) -> None:
+    tools = await list_server_tools(mcp_stdio(allowed_tools=frozenset({"add"})), timeout_s=WAIT_S)
+    assert [tool.spec.name for tool in tools] == ["fake__add"]
+    assert tools[0].spec.description == "Add two integers."
+    with pytest.raises(ToolError, match="unavailable"):
+        await tools[0].call({"a": 1, "b": 2}, context())
 
 
 def test_settings_are_checked_and_hide_secrets() -> None:

@@ -472,13 +472,16 @@ def _classify(error: Exception) -> Retry | None:
     return None
 
 
-async def check_server(
+async def list_server_tools(
     settings: McpServer,
     *,
     timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
     errlog: TextIO | None = None,
-) -> SourceHealth:
-    """Connect once, list the tools and disconnect: for `xiaoai-bridge check`."""
+) -> list[McpTool]:
+    """Connect once, list the (allowed) tools and disconnect; raise McpUnavailableError.
+
+    The tools are for showing (`check`, `tools`): calling them says the server is unavailable.
+    """
     source = McpToolSource(settings, errlog=errlog)
     try:
         async with asyncio.timeout(timeout_s):
@@ -489,8 +492,21 @@ async def check_server(
                 ClientSession(read, write) as session,
             ):
                 await session.initialize()
-                tools = source._make_tools(await _list_tools(session))
-    except Exception as err:  # noqa: BLE001 - every failure is a line in the report
-        return SourceHealth(ok=False, detail=str(_unavailable(err, settings)))
+                return list(source._make_tools(await _list_tools(session)))
+    except Exception as err:
+        raise _unavailable(err, settings) from err
+
+
+async def check_server(
+    settings: McpServer,
+    *,
+    timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
+    errlog: TextIO | None = None,
+) -> SourceHealth:
+    """Connect once and list the tools: a line for `xiaoai-bridge check`."""
+    try:
+        tools = await list_server_tools(settings, timeout_s=timeout_s, errlog=errlog)
+    except McpUnavailableError as err:
+        return SourceHealth(ok=False, detail=str(err))
     names = ", ".join(tool.remote_name for tool in tools)
     return SourceHealth(ok=True, detail=f"{len(tools)} tools" + (f": {names}" if names else ""))
