@@ -107,3 +107,19 @@ async def test_xiaoai_carries_out_a_command_in_xiaomi_cloud_mode(
     assert action.args == ["音量调到30", False]
     (result,) = llm.requests[1].tool_messages
     assert result["content"] == ACCEPTED
+
+
+async def test_a_continuous_conversation_the_model_starts_wakes_the_xiaomi_speaker(
+    tmp_path: Path, cloud: FakeXiaomiCloud, llm: FakeOpenAI
+) -> None:
+    # The answer that switched it on already carries keep_listening, though the question
+    # began outside a continuous conversation: the sink wakes the speaker after it.
+    llm.script(call(CONTINUOUS_CONVERSATION, {"on": True}), "好的，我们接着聊。", "第二个回答。")
+    async with running_xiaomi(without_filler(xiaomi_settings(tmp_path, cloud, llm)), cloud):
+        cloud.say("帮我开个持续对话")
+        await wait_until(lambda: "好的，我们接着聊。" in cloud.tts_texts())
+        # LX06's wake-up action: siid 5, aiid 3.
+        await wait_until(lambda: [(c.siid, c.aiid) for c in cloud.action_calls] == [(5, 3)])
+        cloud.say("没有关键词的问题")
+        await wait_until(lambda: "第二个回答。" in cloud.tts_texts())
+    assert llm.requests[-1].last_user_message == "没有关键词的问题"

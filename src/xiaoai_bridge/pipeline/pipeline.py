@@ -304,6 +304,8 @@ class Pipeline:
             await run.say(apology_for("empty"), final=True)
             return await run.end(Outcome.FAILED, reason="empty")
         await self._memory.remember(run.utterance.speaker, question, run.answer_text)
+        # A tool may have started or stopped a continuous conversation while answering.
+        run.keep_listening = self.continuous(run.utterance.speaker)
         return await run.end(Outcome.ANSWERED)
 
     async def _stream_text(self, speech: _Speech, messages: Sequence[Message]) -> None:
