@@ -27,9 +27,9 @@ API_KEY_HEADER = "X-Api-Key"
 API_KEY = "mcp-test-key-52e1b0"
 
 
-def build_server() -> FastMCP:
-    """The server and its tools."""
-    server = FastMCP("fake")
+def build_server(*, stateless: bool = False) -> FastMCP:
+    """The server and its tools; stateless: JSON answers and no session, as Home Assistant's."""
+    server = FastMCP("fake", stateless_http=stateless, json_response=stateless)
 
     @server.tool(description="Repeat the text back.")
     def echo(text: str) -> str:
@@ -96,8 +96,9 @@ def main() -> None:
     parser.add_argument("--fd", type=int)
     parser.add_argument("--token")
     parser.add_argument("--header", action="append", default=[])
+    parser.add_argument("--stateless", action="store_true")
     args = parser.parse_args()
-    server = build_server()
+    server = build_server(stateless=args.stateless)
     if args.transport == "stdio":
         server.run("stdio")
         return
@@ -120,8 +121,10 @@ class McpHttpServer:
         *,
         token: str | None = TOKEN,
         headers: dict[str, str] | None = None,
+        stateless: bool = False,
     ) -> None:
         self._transport = transport
+        self._stateless = stateless
         self._token = token
         self._headers = {API_KEY_HEADER: API_KEY} if headers is None else headers
         self._socket = self._bind(0)
@@ -146,6 +149,8 @@ class McpHttpServer:
             self._socket = self._bind(self.port)
         self._socket.listen(16)
         command = [sys.executable, str(SCRIPT), self._transport, "--fd", str(self._socket.fileno())]
+        if self._stateless:
+            command.append("--stateless")
         if self._token:
             command += ["--token", self._token]
         command += [f"--header={name}={value}" for name, value in self._headers.items()]

@@ -260,6 +260,21 @@ async def test_an_idle_http_server_that_vanishes_is_noticed(mcp_http: McpHttpSer
         assert source.tools() == ()
 
 
+async def test_a_stateless_json_server_like_home_assistants() -> None:
+    server = McpHttpServer("http", stateless=True)
+    try:
+        server.start()
+        source = McpToolSource(http_settings(server), sleep=quick_sleep, busy_ping_interval_s=0.05)
+        async with running(source):
+            await until(lambda: bool(source.tools()))
+            assert await call(source, "web__add", a=20, b=22) == "42"
+            with pytest.raises(ToolError, match="web went away"):
+                await call(source, "web__die")
+            await until(lambda: not source.health().ok)
+    finally:
+        server.close()
+
+
 async def test_sse_transport(mcp_sse: McpHttpServer) -> None:
     mcp_sse.start()
     source = McpToolSource(http_settings(mcp_sse))
