@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from xiaoai_bridge.config import Settings
     from xiaoai_bridge.pipeline.controls import Controls
     from xiaoai_bridge.pipeline.dispatcher import Dispatcher
+    from xiaoai_bridge.pipeline.toolbox import Toolbox
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -191,6 +192,11 @@ class ServedService(Protocol):
         ...
 
     @property
+    def tools(self) -> Toolbox:
+        """The tool sources, each up or down (an MCP server may come and go)."""
+        ...
+
+    @property
     def audio(self) -> AudioStore | None:
         """Clips for the speakers to fetch, if the Xiaomi sink speaks by URL."""
         ...
@@ -300,10 +306,16 @@ class HttpServer:
             for name, policy in sorted(self._service.connections.items())
             if policy.state is not ConnectionState.CONNECTED
         ]
+        # A tool source that is down leaves the bridge healthy: the model goes without its tools.
+        tools = {
+            name: {"ok": health.ok, "detail": health.detail}
+            for name, health in sorted(self._service.tools.health().items())
+        }
         return not down, {
             "status": "ok" if not down else "unavailable",
             "down": down,
             "adapters": adapters,
+            "tools": tools,
             "answering": self._service.controls.answering,
             "in_flight": self._service.dispatcher.in_flight,
         }
@@ -316,6 +328,7 @@ class HttpServer:
             "now": self._clock(),
             "status": health["status"],
             "adapters": health["adapters"],
+            "tools": health["tools"],
             "answering": health["answering"],
             "in_flight": health["in_flight"],
             "speakers": self._speakers(),
@@ -544,6 +557,7 @@ class HttpServer:
                     now = self._polled_health()
                     if (
                         now["adapters"] != adapters["adapters"]
+                        or now["tools"] != adapters["tools"]
                         or now["status"] != adapters["status"]
                     ):
                         adapters = now

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
+
 from tests.conftest import WAIT_S, Probe, make_settings
 from tests.fakes.mcp_server import SCRIPT
 from tests.fakes.mosquitto import Mosquitto
@@ -30,13 +32,19 @@ async def until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.01)
 
 
+FAKE = McpServerSettings(name="fake", command=sys.executable, args=(str(SCRIPT), "stdio"))
+
+
 @asynccontextmanager
 async def serving(
-    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI, probe: Probe
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    llm: FakeOpenAI,
+    probe: Probe,
+    *servers: McpServerSettings,
 ) -> AsyncIterator[Service]:
-    server = McpServerSettings(name="fake", command=sys.executable, args=(str(SCRIPT), "stdio"))
     # No filler: under load a slow round would otherwise add a reply of its own.
-    tools = ToolsSettings(filler="", mcp=(server,))
+    tools = ToolsSettings(filler="", mcp=servers or (FAKE,))
     stop = asyncio.Event()
     async with open_service(make_settings(tmp_path, mosquitto, llm, tools=tools)) as service:
         task = asyncio.create_task(serve(service, stop))
@@ -83,3 +91,22 @@ async def test_the_model_calls_an_mcp_tool_and_hears_of_its_server_dying(
     (result,) = heard.tool_messages
     assert result["tool_call_id"] == "call_die"
     assert "went away" in str(result["content"])
+
+
+async def test_healthz_tells_each_mcp_server_up_or_down_and_stays_healthy(
+    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI, probe: Probe
+) -> None:
+    gone = McpServerSettings(name="gone", command=str(tmp_path / "no-such-server"))
+    async with (
+        serving(tmp_path, mosquitto, llm, probe, FAKE, gone) as service,
+        aiohttp.ClientSession() as client,
+    ):
+        await until(lambda: up(service) and "retrying" in service.tools.health()["mcp:gone"].detail)
+        assert service.http is not None
+        async with client.get(f"http://127.0.0.1:{service.http.port}/healthz") as response:
+            assert response.status == 200  # a tool server down takes only its tools away
+            body = await response.json()
+    assert body["status"] == "ok"
+    assert body["tools"]["mcp:fake"] == {"ok": True, "detail": "7 tools"}
+    assert body["tools"]["mcp:gone"]["ok"] is False
+    assert body["tools"]["mcp:gone"]["detail"].startswith(f"cannot run {tmp_path}/no-such-server")

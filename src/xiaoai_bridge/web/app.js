@@ -33,6 +33,7 @@ const state = {
   sources: new Map(), // device -> the adapter that heard it last (memory is per source and device)
   order: [], // devices, most recently active first
   adapters: {},
+  tools: {},
   status: "unknown",
   speakers: [],
 };
@@ -244,24 +245,34 @@ function renderSpeakerList() {
 
 function renderAdapters() {
   const list = document.getElementById("adapters");
-  const entries = Object.entries(state.adapters);
-  if (!entries.length) {
+  const rows = Object.entries(state.adapters).map(([name, adapter]) => {
+    const details = [`${adapter.state} for ${ago(adapter.since)}`];
+    if (adapter.reconnects) details.push(`${adapter.reconnects} reconnect${adapter.reconnects === 1 ? "" : "s"}`);
+    if (adapter.last_error) details.push(`last error ${adapter.last_error}`);
+    return el(
+      "li",
+      { "data-adapter": name },
+      el("span", { class: "name", text: name }),
+      el("span", { class: `state ${adapter.state}`, text: adapter.state }),
+      el("span", { class: "detail", text: details.join(" · ") }),
+    );
+  });
+  // Tool sources: one that is down only takes its tools away, so it is "down", not "failed".
+  for (const [name, tool] of Object.entries(state.tools)) {
+    rows.push(
+      el(
+        "li",
+        { "data-tool": name },
+        el("span", { class: "name", text: `tools ${name}` }),
+        el("span", { class: `state ${tool.ok ? "connected" : "reconnecting"}`, text: tool.ok ? "up" : "down" }),
+        el("span", { class: "detail", text: tool.detail }),
+      ),
+    );
+  }
+  if (!rows.length) {
     list.replaceChildren(el("li", {}, el("span", { class: "muted", text: "No connections configured." })));
   } else {
-    list.replaceChildren(
-      ...entries.map(([name, adapter]) => {
-        const details = [`${adapter.state} for ${ago(adapter.since)}`];
-        if (adapter.reconnects) details.push(`${adapter.reconnects} reconnect${adapter.reconnects === 1 ? "" : "s"}`);
-        if (adapter.last_error) details.push(`last error ${adapter.last_error}`);
-        return el(
-          "li",
-          { "data-adapter": name },
-          el("span", { class: "name", text: name }),
-          el("span", { class: `state ${adapter.state}`, text: adapter.state }),
-          el("span", { class: "detail", text: details.join(" · ") }),
-        );
-      }),
-    );
+    list.replaceChildren(...rows);
   }
   const health = document.getElementById("health");
   health.dataset.status = state.status;
@@ -363,6 +374,7 @@ function loadState(data) {
   state.order = devices;
   state.speakers = data.speakers;
   state.adapters = data.adapters;
+  state.tools = data.tools || {};
   state.status = data.status;
   document.getElementById("version").textContent = `v${data.version}`;
   setAnswering(data.answering);
@@ -407,6 +419,7 @@ function connect() {
   source.addEventListener("adapters", (event) => {
     const data = JSON.parse(event.data);
     state.adapters = data.adapters;
+    state.tools = data.tools || {};
     state.status = data.status;
     renderAdapters();
   });
