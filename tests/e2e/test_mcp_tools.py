@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 from tests.conftest import WAIT_S, Probe, make_settings
+from tests.e2e.test_cli import spawn_run, write_config
 from tests.fakes.mcp_server import SCRIPT
 from tests.fakes.mosquitto import Mosquitto
 from tests.fakes.openai_server import FakeOpenAI, ScriptedCall, ToolRound
@@ -110,3 +113,34 @@ async def test_healthz_tells_each_mcp_server_up_or_down_and_stays_healthy(
     assert body["tools"]["mcp:fake"] == {"ok": True, "detail": "7 tools"}
     assert body["tools"]["mcp:gone"]["ok"] is False
     assert body["tools"]["mcp:gone"]["detail"].startswith(f"cannot run {tmp_path}/no-such-server")
+
+
+async def test_stopping_the_bridge_stops_its_mcp_servers(
+    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI
+) -> None:
+    pid_file = tmp_path / "server.pid"
+    wrapper = tmp_path / "mcp-server"
+    wrapper.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec {sys.executable} {SCRIPT} stdio\n")
+    wrapper.chmod(0o700)
+    config = write_config(tmp_path, mosquitto.url, llm)
+    with config.open("a", encoding="utf-8") as file:
+        file.write(f'[[tools.mcp]]\nname = "fake"\ncommand = "{wrapper}"\n')
+    proc = await spawn_run(tmp_path, config, stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    log: list[str] = []
+    try:
+        async with asyncio.timeout(WAIT_S):
+            while not any("mcp:fake: 7 tools" in line for line in log):
+                line = await proc.stderr.readline()
+                assert line, "".join(log)
+                log.append(line.decode())
+        server = psutil.Process(int(pid_file.read_text()))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(WAIT_S):
+            await proc.stderr.read()
+            await proc.wait()
+    assert proc.returncode == 0
+    # Its own session (the SDK starts it so): only the bridge can stop it, and it did.
+    _, alive = psutil.wait_procs([server], timeout=WAIT_S)
+    assert not alive
