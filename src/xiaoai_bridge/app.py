@@ -7,7 +7,7 @@ import contextlib
 import logging
 import tempfile
 import zoneinfo
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from xiaoai_bridge.errors import ConfigError, DataDirError
 from xiaoai_bridge.http import HttpServer, open_http
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
 from xiaoai_bridge.log import register_secrets_of
-from xiaoai_bridge.models import Answer, SpeakerId, XiaomiRoute
+from xiaoai_bridge.models import Answer, SpeakerId, Utterance, XiaomiRoute
 from xiaoai_bridge.pipeline.controls import Controls
 from xiaoai_bridge.pipeline.dispatcher import Dispatcher
 from xiaoai_bridge.pipeline.inbox import Inbox
@@ -65,6 +65,9 @@ from xiaoai_bridge.tools.mcp import McpServer, McpToolSource, McpTransport
 from xiaoai_bridge.tools.xiaoai import XiaoAiSkills
 
 _LOGGER = logging.getLogger(__name__)
+
+# True for an utterance that is the bridge's own doing, which no source should pass on.
+Echo = Callable[[Utterance], bool]
 
 MEMORY_FILE = "memory.sqlite3"
 INBOX_FILE = "inbox.sqlite3"
@@ -224,6 +227,8 @@ class Service:
     # The Xiaomi cloud's MIoT client and model table, shared by its sink and tools.
     miot: MiotClient | None = None
     speaker_models: Mapping[str, SpeakerActions] = field(default_factory=dict)
+    # Recognise what a source hears as the bridge's own doing (XiaoAi's record of a command).
+    echoes: list[Echo] = field(default_factory=list)
     discovery: HomeAssistantDiscovery | None = None
     http: HttpServer | None = None
     # Clips of the external TTS, served by the HTTP server for the speakers to fetch.
@@ -242,8 +247,15 @@ class Service:
         return self.pipeline.controls
 
 
-async def _pump(source: Source, dispatcher: Dispatcher) -> None:
+async def _pump(source: Source, dispatcher: Dispatcher, echoes: Sequence[Echo] = ()) -> None:
     async for utterance in source.utterances():
+        if any(echo(utterance) for echo in echoes):
+            _LOGGER.info(
+                "%s: %r is XiaoAi's record of a command the bridge gave it, not a question",
+                source.name,
+                utterance.text,
+            )
+            continue
         dispatcher.admit(utterance)
 
 
@@ -468,14 +480,14 @@ async def _add_tools(service: Service, stack: contextlib.AsyncExitStack) -> None
     elif ha_tools.enabled:
         _LOGGER.warning("tools.homeassistant is on, but [homeassistant] is not configured")
     if tools.xiaoai and (service.homeassistant is not None or service.miot is not None):
-        service.tools.add(
-            XiaoAiSkills(
-                homeassistant=service.homeassistant,
-                miot=service.miot,
-                models=service.speaker_models,
-                silent=tools.xiaoai_silent,
-            )
+        skills = XiaoAiSkills(
+            homeassistant=service.homeassistant,
+            miot=service.miot,
+            models=service.speaker_models,
+            silent=tools.xiaoai_silent,
         )
+        service.tools.add(skills)
+        service.echoes.append(skills.is_echo)
     if tools.builtin:
         service.tools.add(builtin_tools(service))
     for entry in tools.mcp:
@@ -542,7 +554,9 @@ async def serve(service: Service, stop: asyncio.Event) -> None:
             connection_task = group.create_task(service.mqtt.run(), name="mqtt:connection")
         service.dispatcher.resume()
         pumps = [
-            group.create_task(_pump(source, service.dispatcher), name=f"{source.name}:source")
+            group.create_task(
+                _pump(source, service.dispatcher, service.echoes), name=f"{source.name}:source"
+            )
             for source in service.sources
         ]
         pumps += [group.create_task(job(), name=name) for name, job in service.jobs.items()]

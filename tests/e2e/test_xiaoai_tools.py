@@ -123,3 +123,23 @@ async def test_a_continuous_conversation_the_model_starts_wakes_the_xiaomi_speak
         cloud.say("没有关键词的问题")
         await wait_until(lambda: "第二个回答。" in cloud.tts_texts())
     assert llm.requests[-1].last_user_message == "没有关键词的问题"
+
+
+async def test_xiaoais_record_of_the_command_is_not_taken_for_a_question(
+    tmp_path: Path, cloud: FakeXiaomiCloud, llm: FakeOpenAI
+) -> None:
+    # In a continuous conversation every record is a question: XiaoAi's record of the
+    # command handed to it must not be, or the model would hand it over again and again.
+    llm.script(call(TOOL_NAME, {"command": "音量调到30"}), "好的。", "下一个回答。")
+    async with running_xiaomi(without_filler(xiaomi_settings(tmp_path, cloud, llm)), cloud):
+        cloud.say("开始持续对话")
+        await wait_until(lambda: len(cloud.tts_texts()) == 1)
+        cloud.say("把音量调到30吧")
+        await wait_until(lambda: "好的。" in cloud.tts_texts())
+        cloud.say("音量调到30", answer="已调到30")  # the echo of the command
+        cloud.say("下一个问题")
+        await wait_until(lambda: "下一个回答。" in cloud.tts_texts())
+    asked = [r.last_user_message for r in llm.requests]
+    assert asked == ["把音量调到30吧", "把音量调到30吧", "下一个问题"]
+    executed = [c.args for c in cloud.action_calls if (c.siid, c.aiid) == (5, 5)]
+    assert executed == [["音量调到30", False]]

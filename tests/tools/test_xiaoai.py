@@ -27,6 +27,7 @@ from xiaoai_bridge.reconnect import ReconnectPolicy
 from xiaoai_bridge.tools.xiaoai import (
     ACCEPTED,
     ACCEPTED_SILENTLY,
+    ECHO_WINDOW_S,
     MAX_COMMAND_CHARS,
     TOOL_NAME,
     XiaoAiExecuteTool,
@@ -368,3 +369,36 @@ async def test_one_source_serves_both_modes(
     await tool.call({"command": "音量调到30"}, cloud_context(cloud.speaker))
     assert [call.text for call in speaker_calls(ha)] == [ALARM]
     assert [call.args[0] for call in cloud.action_calls] == ["音量调到30"]
+
+
+# --- echoes: XiaoAi's record of a command it was handed -------------------------------------------
+
+
+def heard(speaker: FakeSpeaker, text: str) -> Utterance:
+    """What the Home Assistant source reports when the speaker's record changes."""
+    return Utterance(text=text, device=speaker.media_player, source="homeassistant")
+
+
+async def test_a_commands_echo_is_recognised_once_on_its_own_speaker(
+    ha: FakeHomeAssistant, client: HomeAssistantClient, speaker: FakeSpeaker
+) -> None:
+    other = ha.add_speaker("b0b0")
+    skills = XiaoAiSkills(homeassistant=client)
+    (tool,) = skills.tools()
+    await tool.call({"command": "音量调到30"}, ha_context(speaker))
+
+    assert not skills.is_echo(heard(other, "音量调到30"))
+    assert not skills.is_echo(heard(speaker, "音量调到40"))
+    # Punctuation and spaces aside, the same words on the same speaker.
+    assert skills.is_echo(heard(speaker, "音量调到 30。"))
+    assert not skills.is_echo(heard(speaker, "音量调到30"))
+
+
+async def test_the_same_words_after_the_echo_window_are_a_question(
+    client: HomeAssistantClient, speaker: FakeSpeaker
+) -> None:
+    now = [1000.0]
+    tool = XiaoAiExecuteTool(homeassistant=client, clock=lambda: now[0])
+    await tool.call({"command": ALARM}, ha_context(speaker))
+    now[0] += ECHO_WINDOW_S + 0.1
+    assert not tool.is_echo(heard(speaker, ALARM))

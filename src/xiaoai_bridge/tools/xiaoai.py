@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from xiaoai_bridge.clients.homeassistant import (
@@ -15,7 +18,7 @@ from xiaoai_bridge.clients.homeassistant import (
 from xiaoai_bridge.clients.xiaomi.errors import XiaomiError
 from xiaoai_bridge.clients.xiaomi.miot import MiotClient, SpeakerActions, speaker_actions
 from xiaoai_bridge.llm.base import ToolSpec
-from xiaoai_bridge.models import HomeAssistantRoute, XiaomiRoute
+from xiaoai_bridge.models import HomeAssistantRoute, SpeakerId, Utterance, XiaomiRoute
 from xiaoai_bridge.pipeline.tool_ports import (
     SourceHealth,
     Tool,
@@ -36,6 +39,13 @@ _MAX_ERROR_CHARS = 200
 # hass-xiaomi-miot's service that speaks or, with `execute`, acts on a text.
 SPEAKER_DOMAIN = "xiaomi_miot"
 SPEAKER_SERVICE = "intelligent_speaker"
+
+# XiaoAi logs a command it was handed like one it heard, so the speaker's conversation record
+# comes back through the bridge's own source; within this window the same words are that echo.
+ECHO_WINDOW_S = 30.0
+# Commands remembered per speaker for recognising their echoes.
+MAX_REMEMBERED_COMMANDS = 8
+_NOT_WORDS = re.compile(r"[\W_]+")
 
 ACCEPTED = "XiaoAi accepted the command and is carrying it out; it answers aloud by itself."
 ACCEPTED_SILENTLY = "XiaoAi accepted the command and is carrying it out without speaking."
@@ -71,6 +81,11 @@ def _short(text: object) -> str:
     return line[: _MAX_ERROR_CHARS - 1] + "…"
 
 
+def _plain(text: str) -> str:
+    """Text without spaces and punctuation, case-folded: how an echo is matched."""
+    return _NOT_WORDS.sub("", text).casefold()
+
+
 def _command(arguments: Mapping[str, object]) -> str:
     """The command text of a call, checked."""
     command = arguments.get("command")
@@ -97,6 +112,7 @@ class XiaoAiExecuteTool(Tool):
         miot: MiotClient | None = None,
         models: Mapping[str, SpeakerActions] | None = None,
         silent: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`models` overrides the MIoT action table per hardware, as the Xiaomi sink's does;
         `silent` makes XiaoAi act without answering aloud."""
@@ -104,6 +120,9 @@ class XiaoAiExecuteTool(Tool):
         self._miot = miot
         self._models = dict(models or {})
         self._silent = silent
+        self._clock = clock
+        # Speaker -> (plain command, when it was handed over), oldest first.
+        self._handed: dict[SpeakerId, deque[tuple[str, float]]] = {}
         # Cleared once the service refuses return_response (hass-xiaomi-miot < 0.7.18).
         self._ask_response = True
 
@@ -129,6 +148,8 @@ class XiaoAiExecuteTool(Tool):
         """Send the command; raises ToolError when XiaoAi cannot be reached or refuses it."""
         command = _command(arguments)
         route = context.utterance.route
+        # Before sending: the echo may be polled before the call returns.
+        self._remember(context.speaker, command)
         if isinstance(route, HomeAssistantRoute) and self._homeassistant is not None:
             await self._execute_by_homeassistant(self._homeassistant, route, command)
         elif isinstance(route, XiaomiRoute) and self._miot is not None:
@@ -136,6 +157,30 @@ class XiaoAiExecuteTool(Tool):
         else:
             raise ToolError("this question did not come from a XiaoAi speaker the bridge reaches")
         return ACCEPTED_SILENTLY if self._silent else ACCEPTED
+
+    def is_echo(self, utterance: Utterance) -> bool:
+        """Whether `utterance` is XiaoAi's record of a command this tool just handed it.
+
+        Each command is recognised once, on the speaker it went to, within ECHO_WINDOW_S;
+        the source's pump drops it, so a continuous conversation does not take it for a
+        question (and hand it to XiaoAi again).
+        """
+        handed = self._handed.get(utterance.speaker)
+        if not handed:
+            return False
+        oldest = self._clock() - ECHO_WINDOW_S
+        while handed and handed[0][1] < oldest:
+            handed.popleft()
+        text = _plain(utterance.text)
+        for entry in handed:
+            if entry[0] == text:
+                handed.remove(entry)
+                return True
+        return False
+
+    def _remember(self, speaker: SpeakerId, command: str) -> None:
+        handed = self._handed.setdefault(speaker, deque(maxlen=MAX_REMEMBERED_COMMANDS))
+        handed.append((_plain(command), self._clock()))
 
     def _actions(self, route: XiaomiRoute) -> SpeakerActions:
         return speaker_actions(route.hardware, self._models)
@@ -231,18 +276,23 @@ class XiaoAiSkills(ToolSource):
         miot: MiotClient | None = None,
         models: Mapping[str, SpeakerActions] | None = None,
         silent: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Give the clients of the modes in use; a mode without its client is not offered."""
         self._homeassistant = homeassistant
         self._miot = miot
         self._tool = XiaoAiExecuteTool(
-            homeassistant=homeassistant, miot=miot, models=models, silent=silent
+            homeassistant=homeassistant, miot=miot, models=models, silent=silent, clock=clock
         )
 
     @property
     def name(self) -> str:
         """ "xiaoai"."""
         return SOURCE_NAME
+
+    def is_echo(self, utterance: Utterance) -> bool:
+        """Whether a source heard XiaoAi's record of a command handed to it (see the tool)."""
+        return self._tool.is_echo(utterance)
 
     def tools(self) -> Sequence[Tool]:
         """The execute tool, when any speaker can be reached."""
