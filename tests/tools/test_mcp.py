@@ -86,7 +86,10 @@ async def call(source: McpToolSource, name: str, **arguments: object) -> str:
     return result
 
 
-async def test_stdio_lists_the_allowed_tools_and_calls_them(mcp_stdio: StdioServer) -> None:
+async def test_stdio_lists_the_allowed_tools_and_calls_them(
+    mcp_stdio: StdioServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     allowed = frozenset({"echo", "add", "fail", "picture", "not_there"})
     source = McpToolSource(mcp_stdio(allowed_tools=allowed))
     assert source.name == "mcp:fake"
@@ -104,6 +107,11 @@ async def test_stdio_lists_the_allowed_tools_and_calls_them(mcp_stdio: StdioServ
         assert await call(source, "fake__echo", text="你好") == "你好"
         assert await call(source, "fake__add", a=2, b=3) == "5"
         assert await call(source, "fake__picture") == "a red square\n[image image/png]"
+        # A changed list with the allowed tool still missing does not say so again.
+        assert await source.call_tool("grow", {}) == "grown"
+        await until(lambda: "changed" in caplog.text)
+    (missing,) = [r for r in caplog.records if "does not have" in r.getMessage()]
+    assert missing.getMessage() == "mcp:fake: allowed tools the server does not have: not_there"
 
 
 async def test_an_error_result_is_a_tool_error_with_its_text(mcp_stdio: StdioServer) -> None:

@@ -180,6 +180,7 @@ class McpToolSource:
         self._errlog = errlog
         self._live: _Live | None = None
         self._down_reason = "connecting"
+        self._missing: frozenset[str] = frozenset()
 
     @property
     def name(self) -> str:
@@ -192,7 +193,7 @@ class McpToolSource:
         return live.tools if live is not None else ()
 
     def health(self) -> SourceHealth:
-        """ "N tools" while connected, else why not."""
+        """Up with its number of tools, or down with the reason."""
         live = self._live
         if live is not None:
             return SourceHealth(ok=True, detail=f"{len(live.tools)} tools")
@@ -274,12 +275,14 @@ class McpToolSource:
         allowed = self.settings.allowed_tools
         if allowed is not None:
             missing = allowed - {tool.name for tool in remote}
-            if missing:
+            # Said once, not again on every reconnect or list change.
+            if missing and missing != self._missing:
                 _LOGGER.warning(
                     "%s: allowed tools the server does not have: %s",
                     self.name,
                     ", ".join(sorted(missing)),
                 )
+            self._missing = missing
             remote = [tool for tool in remote if tool.name in allowed]
         tools: dict[str, McpTool] = {}
         for item in remote:
