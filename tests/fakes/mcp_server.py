@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import uvicorn
 from mcp.server.fastmcp import Context, FastMCP
 from mcp.server.fastmcp.exceptions import ToolError
@@ -58,6 +59,11 @@ def build_server(*, stateless: bool = False) -> FastMCP:
             TextContent(type="text", text="a red square"),
             ImageContent(type="image", data="iVBORw0KGgo=", mimeType="image/png"),
         ]
+
+    @server.tool(description="Never answers (until the client cancels the call).")
+    async def hang() -> str:
+        await anyio.sleep_forever()
+        return "unreachable"
 
     @server.tool(description="Adds the tool 'late' and says the tool list changed.")
     async def grow(ctx: Context) -> str:  # type: ignore[type-arg]
