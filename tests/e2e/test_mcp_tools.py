@@ -15,7 +15,7 @@ import psutil
 
 from tests.conftest import WAIT_S, Probe, make_settings
 from tests.e2e.test_cli import spawn_run, write_config
-from tests.fakes.mcp_server import SCRIPT
+from tests.fakes.mcp_server import SCRIPT, build_server
 from tests.fakes.mosquitto import Mosquitto
 from tests.fakes.openai_server import FakeOpenAI, ScriptedCall, ToolRound
 from xiaoai_bridge.app import Service, open_service, serve
@@ -110,7 +110,8 @@ async def test_healthz_tells_each_mcp_server_up_or_down_and_stays_healthy(
             assert response.status == 200  # a tool server down takes only its tools away
             body = await response.json()
     assert body["status"] == "ok"
-    assert body["tools"]["mcp:fake"] == {"ok": True, "detail": "7 tools"}
+    count = len(await build_server().list_tools())
+    assert body["tools"]["mcp:fake"] == {"ok": True, "detail": f"{count} tools"}
     assert body["tools"]["mcp:gone"]["ok"] is False
     assert body["tools"]["mcp:gone"]["detail"].startswith(f"cannot run {tmp_path}/no-such-server")
 
@@ -125,12 +126,13 @@ async def test_stopping_the_bridge_stops_its_mcp_servers(
     config = write_config(tmp_path, mosquitto.url, llm)
     with config.open("a", encoding="utf-8") as file:
         file.write(f'[[tools.mcp]]\nname = "fake"\ncommand = "{wrapper}"\n')
+    count = len(await build_server().list_tools())
     proc = await spawn_run(tmp_path, config, stderr=asyncio.subprocess.PIPE)
     assert proc.stderr is not None
     log: list[str] = []
     try:
         async with asyncio.timeout(WAIT_S):
-            while not any("mcp:fake: 7 tools" in line for line in log):
+            while not any(f"mcp:fake: {count} tools" in line for line in log):
                 line = await proc.stderr.readline()
                 assert line, "".join(log)
                 log.append(line.decode())
