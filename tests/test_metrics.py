@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from xiaoai_bridge.metrics import BridgeMetrics
-from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
+from tests.pipeline.test_tool_loop import Shelf
+from xiaoai_bridge.metrics import UNKNOWN_TOOL, BridgeMetrics
+from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, ToolCallRecord, Utterance
+from xiaoai_bridge.pipeline.tool_ports import ToolOutput
+from xiaoai_bridge.pipeline.toolbox import Toolbox
 from xiaoai_bridge.reconnect import ReconnectPolicy
 
 
@@ -167,3 +171,76 @@ async def test_registries_are_private() -> None:
     )
     assert value(second, "xiaoai_bridge_llm_total_seconds_count") == 0
     assert REGISTRY.get_sample_value("xiaoai_bridge_llm_total_seconds_count") is None
+
+
+def tool_call(
+    name: str, outcome: str = "ok", seconds: float = 0.03, source: str = "shelf"
+) -> ToolCallRecord:
+    return ToolCallRecord(name, source, "{}", outcome, "done", seconds)
+
+
+async def test_tool_calls_are_counted_by_tool_source_and_outcome_with_latency() -> None:
+    metrics = make_metrics()
+    asked = Utterance("把灯关了", source="mqtt")
+    calls = (tool_call("turn_off", seconds=0.03), tool_call("turn_off", "timeout", 10.0))
+    await answer_through(metrics, asked, Answer(asked, Outcome.ANSWERED, "好。", tool_calls=calls))
+    # A failed answer's calls happened all the same.
+    failed = (tool_call("get_state", "error", 0.2, source="homeassistant"),)
+    await answer_through(
+        metrics, asked, Answer(asked, Outcome.FAILED, "抱歉。", "timeout", tool_calls=failed)
+    )
+    name = "xiaoai_bridge_tool_calls_total"
+    assert value(metrics, name, tool="turn_off", source="shelf", outcome="ok") == 1
+    assert value(metrics, name, tool="turn_off", source="shelf", outcome="timeout") == 1
+    assert value(metrics, name, tool="get_state", source="homeassistant", outcome="error") == 1
+    seconds = "xiaoai_bridge_tool_call_seconds"
+    assert value(metrics, f"{seconds}_count", tool="turn_off") == 2
+    assert value(metrics, f"{seconds}_bucket", tool="turn_off", le="0.025") == 0
+    assert value(metrics, f"{seconds}_bucket", tool="turn_off", le="0.05") == 1
+    assert value(metrics, f"{seconds}_bucket", tool="turn_off", le="5.0") == 1
+    assert value(metrics, f"{seconds}_bucket", tool="turn_off", le="10.0") == 2
+    assert value(metrics, f"{seconds}_bucket", tool="get_state", le="0.25") == 1
+
+
+async def test_tool_names_the_model_made_up_share_one_label() -> None:
+    metrics = make_metrics()
+    asked = Utterance("随便", source="mqtt")
+    invented = tuple(
+        tool_call(name, "unknown_tool", 0.0, source="")
+        for name in ("hack_the_planet", "rm -rf /", "x" * 500, "<script>")
+    )
+    bad = (tool_call("turn_off", "bad_arguments", 0.0),)
+    await answer_through(
+        metrics, asked, Answer(asked, Outcome.ANSWERED, "好。", tool_calls=invented + bad)
+    )
+    calls = {
+        labels: count
+        for (name, labels), count in samples(metrics).items()
+        if name == "xiaoai_bridge_tool_calls_total"
+    }
+    assert calls == {
+        frozenset({("tool", UNKNOWN_TOOL), ("source", ""), ("outcome", "unknown_tool")}): 4,
+        frozenset({("tool", "turn_off"), ("source", "shelf"), ("outcome", "bad_arguments")}): 1,
+    }
+    # No tool ran for either: no latency to record.
+    assert not any(
+        name.startswith("xiaoai_bridge_tool_call_seconds") for name, _ in samples(metrics)
+    )
+
+
+async def test_tool_sources_are_read_at_scrape_time() -> None:
+    toolbox = Toolbox()
+    shelf = Shelf("mcp:search", down="connection refused")
+    toolbox.add(shelf)
+    metrics = BridgeMetrics({}, lambda: 0, tool_sources=toolbox.report)
+
+    async def search(arguments: Mapping[str, object]) -> ToolOutput:
+        return "nothing found"
+
+    shelf.add("web_search", search)
+    shelf.add("bad name!", search)  # the toolbox never offers it, so it is not counted
+    assert value(metrics, "xiaoai_bridge_tool_source_up", source="mcp:search") == 0
+    assert value(metrics, "xiaoai_bridge_tool_source_tools", source="mcp:search") == 0
+    shelf.down = ""
+    assert value(metrics, "xiaoai_bridge_tool_source_up", source="mcp:search") == 1
+    assert value(metrics, "xiaoai_bridge_tool_source_tools", source="mcp:search") == 1

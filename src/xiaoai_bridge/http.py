@@ -201,6 +201,11 @@ class ServedService(Protocol):
         """Clips for the speakers to fetch, if the Xiaomi sink speaks by URL."""
         ...
 
+    @property
+    def tools(self) -> Toolbox:
+        """The tool sources the model may use, for /healthz, /metrics and the page."""
+        ...
+
 
 class _AccessLogger(AbstractAccessLogger):
     """Request lines without the query string, which may carry the access token."""
@@ -228,6 +233,7 @@ class HttpServer:
             service.connections,
             lambda: service.dispatcher.in_flight,
             stats=lambda: service.dispatcher.stats,
+            tool_sources=service.tools.report,
         )
         self.log = ConversationLog(clock=clock)
         # The "ask" box: an adapter like the others, with its own source and sink.

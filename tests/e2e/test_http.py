@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +19,14 @@ from pydantic import SecretStr
 
 from tests.conftest import API_KEY, WAIT_S, Probe, make_settings
 from tests.fakes.mosquitto import Mosquitto
-from tests.fakes.openai_server import FakeOpenAI, Fault
+from tests.fakes.openai_server import FakeOpenAI, Fault, ScriptedCall, ToolRound
+from tests.pipeline.test_tool_loop import Shelf
 from xiaoai_bridge.app import Service, open_service, serve
 from xiaoai_bridge.config import HttpSettings, MqttSettings, Settings
 from xiaoai_bridge.errors import ConfigError
 from xiaoai_bridge.http import MAX_BODY_BYTES, MAX_LIVE_PAGES, HttpServer, open_http
+from xiaoai_bridge.metrics import UNKNOWN_TOOL
+from xiaoai_bridge.pipeline.tool_ports import ToolOutput
 
 TOKEN = "page-token-7f3a9c"
 MQTT_PASSWORD = "mqtt-pass-51d2e8"
@@ -678,3 +681,37 @@ async def test_a_page_that_stops_reading_is_cut_off_and_the_rest_carry_on(
             await llm.wait_for_requests(1)
         async with bridge.client.get(bridge.base + "/api/events") as again:
             assert again.status == 200
+
+
+async def test_tool_calls_of_a_real_answer_reach_the_metrics(
+    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI, probe: Probe
+) -> None:
+    async with running(http_settings(tmp_path, mosquitto, llm)) as bridge:
+        shelf = Shelf("house")
+
+        async def turn_off(arguments: Mapping[str, object]) -> ToolOutput:
+            return f"{arguments['name']} is off"
+
+        shelf.add("turn_off", turn_off)
+        bridge.service.tools.add(shelf)
+        await probe.wait_status("online")
+        assert await bridge.metric("xiaoai_bridge_tool_source_up", source="house") == 1
+        assert await bridge.metric("xiaoai_bridge_tool_source_tools", source="house") == 1
+        llm.script(
+            ToolRound(
+                (
+                    ScriptedCall("call_1", "turn_off", '{"name": "客厅灯"}'),
+                    ScriptedCall("call_2", "open_the_pod_bay_doors", "{}"),
+                )
+            ),
+            "客厅灯关了。",
+        )
+        await probe.ask({"text": "把客厅灯关了", "id": "t1"})
+        assert (await probe.reply_json())["text"] == "客厅灯关了。"
+        async with asyncio.timeout(WAIT_S):
+            await bridge.service.dispatcher.drain()
+        calls = "xiaoai_bridge_tool_calls_total"
+        assert await bridge.metric(calls, tool="turn_off", source="house", outcome="ok") == 1
+        unknown = {"tool": UNKNOWN_TOOL, "source": "", "outcome": "unknown_tool"}
+        assert await bridge.metric(calls, **unknown) == 1
+        assert await bridge.metric("xiaoai_bridge_tool_call_seconds_count", tool="turn_off") == 1

@@ -59,12 +59,14 @@ class Shelf:
 
     name: str = "shelf"
     items: list[FunctionTool] = field(default_factory=list)
+    # Why it is down (its tools are then absent); "" while up.
+    down: str = ""
 
     def tools(self) -> Sequence[Tool]:
-        return self.items
+        return [] if self.down else self.items
 
     def health(self) -> SourceHealth:
-        return SourceHealth(True, f"{len(self.items)} tools")
+        return SourceHealth(False, self.down) if self.down else SourceHealth(True, "on the shelf")
 
     def add(self, name: str, handler: Handler) -> FunctionTool:
         tool = FunctionTool(name, handler)

@@ -23,6 +23,16 @@ class OfferedTool:
     source: str
 
 
+@dataclass(frozen=True, slots=True)
+class SourceReport:
+    """A tool source as `check`, /healthz, /metrics and the status page show it."""
+
+    name: str
+    health: SourceHealth
+    # What it offers right now, after the toolbox's name checks.
+    tools: tuple[OfferedTool, ...]
+
+
 class Toolbox:
     """The tool sources, in the order they were added; the first source wins a name clash."""
 
@@ -43,6 +53,18 @@ class Toolbox:
     def health(self) -> dict[str, SourceHealth]:
         """Each source's state, by name."""
         return {source.name: source.health() for source in self._sources}
+
+    def report(self) -> list[SourceReport]:
+        """Each source with its state and the tools it offers now, in the order added."""
+        listed = self.listing()
+        return [
+            SourceReport(
+                source.name,
+                source.health(),
+                tuple(entry for entry in listed if entry.source == source.name),
+            )
+            for source in self._sources
+        ]
 
     def listing(self) -> list[OfferedTool]:
         """Every tool that could be offered right now, whatever the question."""
