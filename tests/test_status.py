@@ -7,8 +7,9 @@ import logging
 
 import pytest
 
-from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
-from xiaoai_bridge.status import ConversationLog, Event
+from xiaoai_bridge.log import register_secret
+from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, ToolCallRecord, Utterance
+from xiaoai_bridge.status import TOOL_TEXT_CHARS, ConversationLog, Event
 
 
 class Clock:
@@ -235,3 +236,40 @@ async def test_a_lingering_page_gathers_a_burst_into_one_batch() -> None:
         async with asyncio.timeout(1):
             batch = await waiting
     assert [event.data["enabled"] for event in batch] == [False, True]
+
+
+async def test_tool_calls_are_kept_short_with_their_outcome_and_time_in_ms() -> None:
+    log = ConversationLog(max_tool_calls=2)
+    register_secret("sk-tool-secret-93jd")
+    asked = Utterance("把灯关了", device="kitchen", id="t1")
+    await log.begin(asked)
+    calls = (
+        ToolCallRecord("turn_off", "house", '{"name": "客厅灯"}', "ok", "客厅灯 is off", 0.0314),
+        ToolCallRecord(
+            "search", "mcp:web", "{}", "error", "error: key sk-tool-secret-93jd " + "x" * 900, 1.5
+        ),
+        ToolCallRecord("x" * 500, "", "{}", "unknown_tool", "error: no such tool", 0.0),
+    )
+    with log.subscribe() as subscription:
+        await log.end(Answer(asked, Outcome.ANSWERED, "好了。", tool_calls=calls))
+        end = await subscription.get()
+    [entry] = log.recent("kitchen")
+    assert entry.tool_calls[0] == {
+        "name": "turn_off",
+        "source": "house",
+        "arguments": '{"name": "客厅灯"}',
+        "outcome": "ok",
+        "result": "客厅灯 is off",
+        "ms": 31,
+    }
+    search = entry.tool_calls[1]
+    assert search["result"].startswith("error: key *** xxx")
+    assert len(search["result"]) == TOOL_TEXT_CHARS
+    assert search["result"].endswith("…")
+    assert (search["outcome"], search["ms"]) == ("error", 1500)
+    # Past the cap, the page is told how many were left out.
+    assert len(entry.tool_calls) == 2
+    assert entry.tool_calls_omitted == 1
+    assert end is not None
+    assert end.data["tool_calls"] == entry.tool_calls
+    assert end.data["tool_calls_omitted"] == 1

@@ -28,6 +28,7 @@ from xiaoai_bridge.audio import AUDIO_PATH, NAME_RE
 from xiaoai_bridge.config import ANY_HOST, HttpSettings
 from xiaoai_bridge.errors import ConfigError
 from xiaoai_bridge.jsonwire import parse_json
+from xiaoai_bridge.log import mask_secrets
 from xiaoai_bridge.metrics import BridgeMetrics
 from xiaoai_bridge.models import SpeakerId
 from xiaoai_bridge.pipeline.memory import source_of_legacy_device
@@ -72,6 +73,8 @@ _ASSETS = {
     "favicon.svg": "image/svg+xml",
 }
 _OPEN_PATHS = frozenset({"/healthz"})
+# What a live page is told again whenever it changes.
+_LIVE_HEALTH = ("status", "adapters", "tools")
 # Read by machines under names the bridge cannot know (a Docker health check, Prometheus by a
 # compose service name); they show no conversation and no config, so any Host may read them.
 _ANY_HOST_PATHS = frozenset({"/healthz", "/metrics"})
@@ -201,11 +204,6 @@ class ServedService(Protocol):
         """Clips for the speakers to fetch, if the Xiaomi sink speaks by URL."""
         ...
 
-    @property
-    def tools(self) -> Toolbox:
-        """The tool sources the model may use, for /healthz, /metrics and the page."""
-        ...
-
 
 class _AccessLogger(AbstractAccessLogger):
     """Request lines without the query string, which may carry the access token."""
@@ -312,18 +310,28 @@ class HttpServer:
             for name, policy in sorted(self._service.connections.items())
             if policy.state is not ConnectionState.CONNECTED
         ]
-        # A tool source that is down leaves the bridge healthy: the model goes without its tools.
-        tools = {
-            name: {"ok": health.ok, "detail": health.detail}
-            for name, health in sorted(self._service.tools.health().items())
-        }
+        tools = self.tool_sources()
         return not down, {
             "status": "ok" if not down else "unavailable",
             "down": down,
             "adapters": adapters,
+            # A tool source that is down (an MCP server away) degrades answers, but the
+            # bridge still hears and answers: detail here, never a 503.
+            "tools_down": [name for name, source in tools.items() if not source["ok"]],
             "tools": tools,
             "answering": self._service.controls.answering,
             "in_flight": self._service.dispatcher.in_flight,
+        }
+
+    def tool_sources(self) -> dict[str, dict[str, Any]]:
+        """Each tool source's state and tool count, by name, in the order they were added."""
+        return {
+            source.name: {
+                "ok": source.health.ok,
+                "detail": mask_secrets(source.health.detail),
+                "tools": len(source.tools),
+            }
+            for source in self._service.tools.report()
         }
 
     def state(self) -> dict[str, Any]:
@@ -334,7 +342,9 @@ class HttpServer:
             "now": self._clock(),
             "status": health["status"],
             "adapters": health["adapters"],
+            "tools_enabled": self._service.settings.tools.enabled,
             "tools": health["tools"],
+            "tools_down": health["tools_down"],
             "answering": health["answering"],
             "in_flight": health["in_flight"],
             "speakers": self._speakers(),
@@ -561,11 +571,7 @@ class HttpServer:
                     if transport.is_closing():
                         break  # the page went away
                     now = self._polled_health()
-                    if (
-                        now["adapters"] != adapters["adapters"]
-                        or now["tools"] != adapters["tools"]
-                        or now["status"] != adapters["status"]
-                    ):
+                    if any(now[key] != adapters[key] for key in _LIVE_HEALTH):
                         adapters = now
                         await _write(response, Event("adapters", now).frame)
                         last_sent = loop.time()

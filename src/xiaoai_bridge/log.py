@@ -58,6 +58,11 @@ def register_secret(value: str | None) -> None:
     _install_record_factory()
 
 
+def mask_secrets(text: str) -> str:
+    """`text` with every registered secret masked: for what other servers said, shown anywhere."""
+    return _SECRETS.mask(text)
+
+
 def register_secrets_of(model: BaseModel) -> None:
     """Mask every secret the settings hold: each SecretStr field, and passwords in URLs."""
     for value in secret_values(model):

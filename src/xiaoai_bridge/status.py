@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-from xiaoai_bridge.models import Answer, SpeakerId, SpeechChunk, Utterance
+from xiaoai_bridge.log import mask_secrets
+from xiaoai_bridge.models import Answer, SpeakerId, SpeechChunk, ToolCallRecord, Utterance
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -22,6 +23,11 @@ DEFAULT_PER_DEVICE = 20
 DEFAULT_MAX_DEVICES = 50
 # A runaway answer must not grow a log entry without end; the final text is kept anyway.
 DEFAULT_MAX_CHUNKS = 200
+# A model looping on tools makes many calls; an entry keeps the first ones and a count.
+DEFAULT_MAX_TOOL_CALLS = 32
+# Tool names, arguments and results come from the model and remote servers: the page shows
+# them cut to this length whatever the pipeline passed on.
+TOOL_TEXT_CHARS = 200
 # Events a page may lag behind before it is cut off (it reconnects and reloads the state).
 DEFAULT_QUEUE_SIZE = 256
 
@@ -58,6 +64,9 @@ class Conversation:
     reason: str = ""
     first_chunk_s: float | None = None
     total_s: float | None = None
+    # The tools the model called on the way (JSON-ready), and how many more were left out.
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    tool_calls_omitted: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready copy."""
@@ -75,7 +84,26 @@ class Conversation:
             "reason": self.reason,
             "first_chunk_s": self.first_chunk_s,
             "total_s": self.total_s,
+            "tool_calls": [dict(call) for call in self.tool_calls],
+            "tool_calls_omitted": self.tool_calls_omitted,
         }
+
+
+def tool_call_view(call: ToolCallRecord) -> dict[str, Any]:
+    """One tool call as the status page shows it: short texts, secrets masked, time in ms."""
+    return {
+        "name": _display(call.name),
+        "source": _display(call.source),
+        "arguments": _display(call.arguments),
+        "outcome": call.outcome,
+        "result": _display(call.result),
+        "ms": round(max(call.seconds, 0.0) * 1000),
+    }
+
+
+def _display(text: str) -> str:
+    text = mask_secrets(text)
+    return text if len(text) <= TOOL_TEXT_CHARS else text[: TOOL_TEXT_CHARS - 1] + "…"
 
 
 class Subscription:
@@ -165,12 +193,14 @@ class ConversationLog:
         per_device: int = DEFAULT_PER_DEVICE,
         max_devices: int = DEFAULT_MAX_DEVICES,
         max_chunks: int = DEFAULT_MAX_CHUNKS,
+        max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._per_device = per_device
         self._max_devices = max_devices
         self._max_chunks = max_chunks
+        self._max_tool_calls = max_tool_calls
         self._queue_size = queue_size
         self._clock = clock
         self._keys = itertools.count(1)
@@ -214,6 +244,9 @@ class ConversationLog:
         entry.reason = answer.reason
         entry.first_chunk_s = answer.first_chunk_s
         entry.total_s = answer.total_s
+        kept = answer.tool_calls[: self._max_tool_calls]
+        entry.tool_calls = [tool_call_view(call) for call in kept]
+        entry.tool_calls_omitted = len(answer.tool_calls) - len(kept)
         self.publish("end", entry.as_dict())
 
     def devices(self) -> list[str]:

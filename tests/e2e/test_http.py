@@ -715,3 +715,26 @@ async def test_tool_calls_of_a_real_answer_reach_the_metrics(
         unknown = {"tool": UNKNOWN_TOOL, "source": "", "outcome": "unknown_tool"}
         assert await bridge.metric(calls, **unknown) == 1
         assert await bridge.metric("xiaoai_bridge_tool_call_seconds_count", tool="turn_off") == 1
+
+
+async def test_a_tool_source_down_is_detail_in_healthz_not_a_503(
+    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI
+) -> None:
+    async with running(http_settings(tmp_path, mosquitto, llm)) as bridge:
+        search = Shelf("mcp:search", down="cannot reach http://127.0.0.1:9/mcp: refused")
+        bridge.service.tools.add(Shelf("house"))
+        bridge.service.tools.add(search)
+        body = await bridge.wait_health(200)
+        assert body["status"] == "ok"
+        assert body["tools_down"] == ["mcp:search"]
+        assert body["tools"] == {
+            "house": {"ok": True, "detail": "on the shelf", "tools": 0},
+            "mcp:search": {"ok": False, "detail": search.down, "tools": 0},
+        }
+        _, state = await bridge.call("GET", "/api/state", expect=200)
+        assert state["tools_enabled"] is True
+        assert (state["tools"], state["tools_down"]) == (body["tools"], ["mcp:search"])
+        # The core connection still decides the status code.
+        await mosquitto.stop()
+        down = await bridge.wait_health(503)
+        assert (down["down"], down["tools_down"]) == (["mqtt"], ["mcp:search"])

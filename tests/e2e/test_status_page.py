@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,12 @@ from pydantic import SecretStr
 from tests.conftest import API_KEY, Probe, make_settings
 from tests.e2e.test_http import MQTT_PASSWORD, TOKEN, Running, http_settings, running
 from tests.fakes.mosquitto import Mosquitto
-from tests.fakes.openai_server import FakeOpenAI, Fault
+from tests.fakes.openai_server import FakeOpenAI, Fault, ScriptedCall, ToolRound
+from tests.pipeline.test_tool_loop import Shelf
 from xiaoai_bridge.config import HttpSettings, MqttSettings
 from xiaoai_bridge.models import SpeakerId
 from xiaoai_bridge.pipeline.pipeline import APOLOGIES
+from xiaoai_bridge.pipeline.tool_ports import ToolOutput
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -276,3 +279,65 @@ async def test_a_page_of_another_site_cannot_drive_or_read_the_status_page(
         status = await page.evaluate("fetch('/api/state').then((r) => r.status)")
         assert status == 421
         await page.close()
+
+
+async def test_tool_calls_and_tool_sources_are_shown_as_text_never_as_markup(
+    browser: Browser, bridge: Running, probe: Probe, llm: FakeOpenAI
+) -> None:
+    house = Shelf("house")
+    hostile = "<img src=x onerror=\"window.pwned='{}'\">"
+
+    async def turn_off(arguments: Mapping[str, object]) -> ToolOutput:
+        return f"<script>window.pwned='result'</script>{arguments['name']} is off"
+
+    house.add("turn_off", turn_off)
+    search = Shelf("mcp:search", down=f"{hostile.format('detail')} connection refused")
+    bridge.service.tools.add(house)
+    bridge.service.tools.add(search)
+    page, console = await open_page(browser, bridge)
+    panel = page.locator("#tool-sources")
+    await expect(panel.locator('li[data-source="house"] .state')).to_have_text("ok")
+    await expect(panel.locator('li[data-source="house"] .detail')).to_have_text(
+        "1 tool · on the shelf"
+    )
+    down = panel.locator('li[data-source="mcp:search"]')
+    await expect(down.locator(".state")).to_have_text("down")
+    await expect(down.locator(".detail")).to_have_text(f"0 tools · {search.down}")
+
+    arguments = json.dumps({"name": hostile.format("arguments")}, ensure_ascii=False)
+    llm.script(
+        ToolRound(
+            (
+                ScriptedCall("call_1", "turn_off", arguments),
+                ScriptedCall("call_2", hostile.format("name"), "{}"),
+            )
+        ),
+        "客厅灯关了。",
+    )
+    await probe.ask({"text": "把客厅灯关了", "device": "hall", "id": "t1"})
+    turn = page.locator('.speaker[data-device="hall"] .turn').first
+    await expect(turn).to_have_class(re.compile(r"\banswered\b"), timeout=UI_WAIT_MS)
+    calls = turn.locator(".tool-call")
+    await expect(calls).to_have_count(2)
+    first = calls.nth(0)
+    await expect(first).to_have_class(re.compile(r"\bok\b"))
+    await expect(first.locator(".tool-name")).to_have_text("turn_off")
+    await expect(first.locator(".tool-args")).to_have_text(arguments)
+    await expect(first.locator(".tool-result")).to_have_text(
+        f"<script>window.pwned='result'</script>{hostile.format('arguments')} is off"
+    )
+    await expect(first.locator(".timing")).to_have_text(re.compile(r"^\d+ ms$"))
+    second = calls.nth(1)
+    await expect(second.locator(".tool-name")).to_have_text(hostile.format("name"))
+    await expect(second.locator(".chip")).to_have_text("no such tool")
+
+    # The source comes back: a page already open hears of it.
+    search.down = ""
+    await expect(down.locator(".state")).to_have_text("ok", timeout=UI_WAIT_MS)
+    await expect(down.locator(".detail")).to_have_text("0 tools · on the shelf")
+    # Nothing the model or a server said became markup, let alone ran.
+    assert await page.locator("#speakers img, #tool-sources img, #speakers script").count() == 0
+    assert await page.evaluate("window.pwned") is None
+    await page.screenshot(path=str(SCREENSHOT.with_name(SCREENSHOT.stem + "-tools.png")))
+    assert console.errors == []
+    await page.close()

@@ -27,6 +27,15 @@ const REASONS = {
 
 const OUTCOMES = { answered: "answered", command: "command", ignored: "ignored", failed: "failed" };
 
+const TOOL_OUTCOMES = {
+  ok: "ok",
+  error: "error",
+  timeout: "timed out",
+  unknown_tool: "no such tool",
+  bad_arguments: "bad arguments",
+  confirm: "asked to confirm",
+};
+
 const state = {
   conversations: new Map(), // key -> conversation
   devices: new Map(), // device -> [keys], oldest first
@@ -35,6 +44,8 @@ const state = {
   adapters: {},
   tools: {},
   status: "unknown",
+  toolsEnabled: true,
+  tools: {}, // tool source -> { ok, detail, tools }
   speakers: [],
 };
 
@@ -176,8 +187,10 @@ function turnNode(conversation) {
   node.append(
     el("div", { class: "bubble question", text: conversation.question }),
     el("div", { class: "meta q-meta" }, el("span", { text: `${clock(conversation.started_at)} · ${conversation.source}` })),
-    el("div", { class: "bubble answer", text: answer }),
   );
+  // The calls came between the question and the answer; they are known once it ends.
+  if (conversation.tool_calls && conversation.tool_calls.length) node.append(toolCallList(conversation));
+  node.append(el("div", { class: "bubble answer", text: answer }));
   const meta = el("div", { class: "meta" });
   meta.append(el("span", { class: `chip ${outcome || "pending"}`, text: OUTCOMES[outcome] || "answering…" }));
   if (reason) meta.append(el("span", { class: "reason", text: reason }));
@@ -185,6 +198,28 @@ function turnNode(conversation) {
   if (conversation.total_s != null) meta.append(el("span", { class: "timing", text: `total ${seconds(conversation.total_s)}` }));
   node.append(meta);
   return node;
+}
+
+// Names, arguments and results come from the model and other servers: only ever set as text.
+function toolCallList(conversation) {
+  const list = el("ul", { class: "tool-calls" });
+  for (const call of conversation.tool_calls) {
+    list.append(
+      el(
+        "li",
+        { class: "tool-call", "data-outcome": call.outcome },
+        el("span", { class: "tool-name", text: call.name }),
+        el("span", { class: "tool-args", text: call.arguments }),
+        el("span", { class: "chip", text: TOOL_OUTCOMES[call.outcome] || call.outcome }),
+        el("span", { class: "timing", text: `${call.ms} ms` }),
+        el("span", { class: "tool-result", text: call.result }),
+      ),
+    );
+    if (Object.hasOwn(TOOL_OUTCOMES, call.outcome)) list.lastChild.classList.add(call.outcome);
+  }
+  const omitted = conversation.tool_calls_omitted;
+  if (omitted) list.append(el("li", { class: "tool-call", text: `and ${omitted} more tool call${omitted === 1 ? "" : "s"}` }));
+  return list;
 }
 
 function renderDevice(device, freshKey) {
@@ -277,6 +312,27 @@ function renderAdapters() {
   const health = document.getElementById("health");
   health.dataset.status = state.status;
   health.textContent = state.status === "ok" ? "healthy" : state.status === "unavailable" ? "degraded" : state.status;
+}
+
+function renderTools() {
+  const list = document.getElementById("tool-sources");
+  const entries = Object.entries(state.tools);
+  if (!state.toolsEnabled || !entries.length) {
+    const text = state.toolsEnabled ? "No tool sources configured: the model is offered no tools." : "Tool calling is off ([tools] enabled = false).";
+    list.replaceChildren(el("li", {}, el("span", { class: "muted", text })));
+    return;
+  }
+  list.replaceChildren(
+    ...entries.map(([name, source]) =>
+      el(
+        "li",
+        { "data-source": name },
+        el("span", { class: "name", text: name }),
+        el("span", { class: `state ${source.ok ? "up" : "down"}`, text: source.ok ? "ok" : "down" }),
+        el("span", { class: "detail", text: `${source.tools} tool${source.tools === 1 ? "" : "s"} · ${source.detail}` }),
+      ),
+    ),
+  );
 }
 
 function configValue(value) {
@@ -376,10 +432,13 @@ function loadState(data) {
   state.adapters = data.adapters;
   state.tools = data.tools || {};
   state.status = data.status;
+  state.toolsEnabled = data.tools_enabled;
+  state.tools = data.tools;
   document.getElementById("version").textContent = `v${data.version}`;
   setAnswering(data.answering);
   renderConfig(data.config);
   renderAdapters();
+  renderTools();
   renderAllDevices();
 }
 
@@ -421,7 +480,9 @@ function connect() {
     state.adapters = data.adapters;
     state.tools = data.tools || {};
     state.status = data.status;
+    state.tools = data.tools;
     renderAdapters();
+    renderTools();
   });
   source.addEventListener("answering", (event) => {
     const { enabled } = JSON.parse(event.data);
