@@ -341,18 +341,22 @@ async def _add_mqtt(service: Service, stack: contextlib.AsyncExitStack) -> None:
     )
 
 
-async def _add_homeassistant(service: Service, stack: contextlib.AsyncExitStack) -> None:
-    ha = service.settings.homeassistant
+def homeassistant_client(settings: Settings) -> HomeAssistantClient:
+    """The Home Assistant connection of `[homeassistant]`, shared by its source, sink and tools."""
+    ha = settings.homeassistant
     if ha.url is None or ha.token is None:  # the config model checks this already
         raise ConfigError("homeassistant.url and homeassistant.token are both needed")
-    # A rejected token raises HomeAssistantAuthError here: fatal, before anything runs.
     # No state_changed subscription: the source watches its sensors and speakers by id, so a
     # busy house never floods the bridge; registry events reveal speakers added later.
-    client = await stack.enter_async_context(
-        HomeAssistantClient(
-            ha.url, ha.token.get_secret_value(), event_types=(ENTITY_REGISTRY_UPDATED,)
-        )
+    return HomeAssistantClient(
+        ha.url, ha.token.get_secret_value(), event_types=(ENTITY_REGISTRY_UPDATED,)
     )
+
+
+async def _add_homeassistant(service: Service, stack: contextlib.AsyncExitStack) -> None:
+    ha = service.settings.homeassistant
+    # A rejected token raises HomeAssistantAuthError here: fatal, before anything runs.
+    client = await stack.enter_async_context(homeassistant_client(service.settings))
     service.connections["homeassistant"] = client.policy
     service.homeassistant = client
     service.sources.append(
@@ -515,6 +519,25 @@ def builtin_tools(service: Service) -> BuiltinTools:
         forget=forget,
         set_continuous=set_continuous,
     )
+
+
+@contextlib.asynccontextmanager
+async def open_tools(settings: Settings) -> AsyncIterator[Toolbox]:
+    """The tool sources the service would offer, built by its own code, none of them running.
+
+    For `xiaoai-bridge tools` and `check`: nothing is heard or spoken. Sources that share a
+    mode's connection get it (Home Assistant's); a rejected token raises here, as at start.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        pipeline = await stack.enter_async_context(open_pipeline(settings))
+        service = Service(settings, pipeline, Dispatcher(pipeline, {}))
+        stack.push_async_callback(service.dispatcher.aclose)
+        if settings.tools.enabled:
+            if settings.homeassistant.enabled and settings.tools.homeassistant.enabled is not False:
+                client = await stack.enter_async_context(homeassistant_client(settings))
+                service.homeassistant = client
+            await _add_tools(service, stack)
+        yield service.tools
 
 
 @contextlib.asynccontextmanager

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import getpass
 import logging
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiomqtt
@@ -20,6 +21,7 @@ from xiaoai_bridge.app import (
     mcp_server,
     mina_client,
     open_pipeline,
+    open_tools,
     prepare_data_dir,
     run_service,
     xiaomi_auth,
@@ -37,17 +39,24 @@ from xiaoai_bridge.errors import BridgeError, ConfigError, DataDirError, LLMErro
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
 from xiaoai_bridge.log import register_secrets_of, setup_logging
 from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
-from xiaoai_bridge.tools.mcp import check_server
+from xiaoai_bridge.pipeline.tool_ports import ConnectedToolSource, SourceHealth, ToolSource
+from xiaoai_bridge.pipeline.toolbox import SourceReport, Toolbox
+from xiaoai_bridge.tools.mcp import McpToolSource, check_server
 
 # Exit codes, documented in the README.
 EXIT_OK = 0
-EXIT_FAILED = 1  # `check` found a problem, or `ask` got no answer
+EXIT_FAILED = 1  # `check` or `tools` found a problem, or `ask` got no answer
 EXIT_USAGE = 2  # argparse's own code for bad arguments
 EXIT_CONFIG = 3  # the configuration is invalid
 EXIT_RUNTIME = 4  # the service stopped on an error
 EXIT_DATA = 5  # the data dir or the memory database in it cannot be used
 
 CHECK_TIMEOUT_S = 15.0
+# Tool sources with a connection (an MCP server) are started this long at most, to list them.
+TOOLS_WAIT_S = 10.0
+TOOLS_POLL_S = 0.1
+# One line per tool: its description's first line, cut to this.
+DESCRIPTION_CHARS = 100
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,6 +99,22 @@ def _parser() -> argparse.ArgumentParser:
         "when something is wrong.",
     )
     config_arg(check)
+    tools = commands.add_parser(
+        "tools",
+        help="list the tools the model would be offered",
+        description="Build the tool sources from the config as the service does, start those "
+        "that need a connection (for at most --wait seconds), and print every tool the model "
+        "would be offered with its source, then each source's state; exit 1 when a source is "
+        "down.",
+    )
+    tools.add_argument(
+        "--wait",
+        type=float,
+        default=TOOLS_WAIT_S,
+        metavar="SECONDS",
+        help=f"how long to wait for sources to connect (default: {TOOLS_WAIT_S:g})",
+    )
+    config_arg(tools)
     speakers = commands.add_parser(
         "ha-speakers",
         help="list Home Assistant's XiaoAi speakers",
@@ -146,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_login(*_login_settings(settings, args.account, args.cookie)))
         if args.command == "devices":
             return asyncio.run(_devices(settings))
+        if args.command == "tools":
+            return asyncio.run(_tools(settings, args.wait))
         return asyncio.run(_check(settings))
     except BridgeError as err:
         if args.debug:
@@ -221,6 +248,8 @@ async def _check(settings: Settings) -> int:
         ok, detail = await _check_xiaomi(settings)
         report(ok, "xiaomi", detail)
     if settings.tools.enabled:
+        for ok, what, detail in await _check_tools(settings):
+            report(ok, what, detail)
         for entry in settings.tools.mcp:
             health = await check_server(mcp_server(entry), timeout_s=CHECK_TIMEOUT_S)
             report(health.ok, f"mcp {entry.name}", health.detail)
@@ -236,6 +265,113 @@ async def _check(settings: Settings) -> int:
     finally:
         await backend.aclose()
     return EXIT_OK if problems == 0 else EXIT_FAILED
+
+
+async def tool_reports(
+    settings: Settings,
+    wait_s: float,
+    *,
+    leave_out: Callable[[ToolSource], bool] = lambda source: False,
+) -> list[SourceReport]:
+    """Each tool source the service would have, with the tools it offers once started."""
+    async with open_tools(settings) as toolbox:
+        kept = Toolbox()
+        for source in toolbox.sources:
+            if not leave_out(source):
+                kept.add(source)
+        return await start_briefly(kept, wait_s)
+
+
+async def start_briefly(toolbox: Toolbox, wait_s: float) -> list[SourceReport]:
+    """Run the sources that keep a connection until all are up or `wait_s` has passed.
+
+    The report is taken while they still run: a source offers its tools only while connected.
+    """
+    connected = [source for source in toolbox.sources if isinstance(source, ConnectedToolSource)]
+    failed: dict[str, str] = {}
+
+    async def keep(source: ConnectedToolSource) -> None:
+        try:
+            await source.run()
+        except Exception as err:  # noqa: BLE001 - a source that breaks is a line of the report
+            failed[source.name] = f"stopped: {err or type(err).__name__}"
+
+    async with asyncio.TaskGroup() as group:
+        tasks = [
+            group.create_task(keep(source), name=f"tools:{source.name}") for source in connected
+        ]
+        try:
+            async with asyncio.timeout(wait_s):
+                # The port has no "up" event: health is read, as /healthz reads it.
+                while not all(  # noqa: ASYNC110
+                    task.done() or source.health().ok
+                    for source, task in zip(connected, tasks, strict=True)
+                ):
+                    await asyncio.sleep(TOOLS_POLL_S)
+        except TimeoutError:
+            pass  # the ones still down say why in their health
+        reports = toolbox.report()
+        for task in tasks:
+            task.cancel()
+    return [
+        dataclasses.replace(entry, health=SourceHealth(False, failed[entry.name]))
+        if entry.name in failed
+        else entry
+        for entry in reports
+    ]
+
+
+async def _check_tools(settings: Settings) -> list[tuple[bool, str, str]]:
+    """`check`'s lines for the tool sources: (ok, what, detail)."""
+    try:
+        # MCP servers have a one-shot check of their own, which names their tools: `_check`
+        # reports each with it instead of starting its source here.
+        sources = await tool_reports(
+            settings, TOOLS_WAIT_S, leave_out=lambda source: isinstance(source, McpToolSource)
+        )
+    except BridgeError as err:
+        return [(False, "tools", str(err))]
+    if not sources and not settings.tools.mcp:
+        return [(True, "tools", "no tool source configured: the model is offered none")]
+    return [
+        (source.health.ok, f"tools {source.name}", _source_detail(source)) for source in sources
+    ]
+
+
+def _source_detail(source: SourceReport) -> str:
+    count = len(source.tools)
+    return f"{source.health.detail} ({count} tool{'' if count == 1 else 's'})"
+
+
+def _one_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= DESCRIPTION_CHARS else line[: DESCRIPTION_CHARS - 1] + "…"
+
+
+async def _tools(settings: Settings, wait_s: float) -> int:
+    if not settings.tools.enabled:
+        print("tool calling is off ([tools] enabled = false): the model is offered no tools")
+        return EXIT_OK
+    sources = await tool_reports(settings, wait_s)
+    if not sources:
+        print("no tool source is configured: the model is offered no tools")
+        return EXIT_OK
+    offered = [entry for source in sources for entry in source.tools]
+    if offered:
+        name_width = max(len(entry.tool.spec.name) for entry in offered)
+        source_width = max(len(entry.source) for entry in offered)
+        for entry in offered:
+            spec = entry.tool.spec
+            print(
+                f"{spec.name:<{name_width}}  {entry.source:<{source_width}}  "
+                f"{_one_line(spec.description)}"
+            )
+        print(f"{len(offered)} tool{'' if len(offered) == 1 else 's'} offered to the model\n")
+    else:
+        print("no tool is offered to the model right now\n")
+    for source in sources:
+        print(f"{'ok  ' if source.health.ok else 'FAIL'} {source.name}: {_source_detail(source)}")
+    return EXIT_OK if all(source.health.ok for source in sources) else EXIT_FAILED
 
 
 async def _probe_homeassistant(settings: Settings) -> ProbeResult:

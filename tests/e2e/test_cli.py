@@ -12,6 +12,8 @@ import aiomqtt
 import pytest
 
 from tests.conftest import API_KEY
+from tests.e2e.test_homeassistant_tools import house
+from tests.fakes.homeassistant_server import DEFAULT_TOKEN, FakeHomeAssistant
 from tests.fakes.mcp_server import SCRIPT, TOKEN, McpHttpServer
 from tests.fakes.mosquitto import Mosquitto, free_port
 from tests.fakes.openai_server import FakeOpenAI
@@ -83,7 +85,7 @@ async def test_version_and_help(tmp_path: Path) -> None:
     env = clean_env(tmp_path)
     code, out, _ = await run_cli("--version", env=env, cwd=tmp_path)
     assert (code, out.strip()) == (0, f"xiaoai-bridge {__version__}")
-    for command in ("run", "ask", "check"):
+    for command in ("run", "ask", "check", "tools"):
         code, out, _ = await run_cli(command, "--help", env=env, cwd=tmp_path)
         assert code == 0
         assert "--config" in out
@@ -129,7 +131,12 @@ async def test_check_reports_each_part(
         "check", "--config", str(config), env=clean_env(tmp_path), cwd=tmp_path
     )
     assert code == 0, out
-    assert [line.split()[0] for line in out.splitlines()] == ["ok", "ok", "ok"]
+    lines = out.splitlines()
+    assert {line.split()[0] for line in lines} == {"ok"}
+    parts = [line.split()[1].rstrip(":") for line in lines]
+    # The tool sources come between the modes and the LLM, however many are configured.
+    assert [part for part in parts if part != "tools"] == ["config", "mqtt", "llm"]
+    assert "tools" in parts
     await mosquitto.stop()
     llm.api_key = "another-key"  # the configured key is now rejected
     code, out, _ = await run_cli(
@@ -282,3 +289,93 @@ async def test_run_with_no_config_uses_a_broker_already_on_the_default_port(
             _, err = await proc.communicate()
     assert proc.returncode == 0
     assert "already listens" in err.decode()
+
+
+def write_tools_config(tmp_path: Path, tools: str, ha: FakeHomeAssistant | None = None) -> Path:
+    """A config with `tools` as its [tools] section, and Home Assistant mode if `ha` is given."""
+    path = tmp_path / "tools.toml"
+    text = f"[tools]\n{tools}\n"
+    if ha is not None:
+        text += f'[homeassistant]\nurl = "{ha.url}"\ntoken = "{DEFAULT_TOKEN}"\n'
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+# Only the sources under test: no built-ins, no XiaoAi skills.
+ONLY_CONFIGURED = "builtin = false\nxiaoai = false"
+
+
+async def test_tools_lists_each_offered_tool_with_its_source_and_the_sources_state(
+    tmp_path: Path, ha: FakeHomeAssistant, llm: FakeOpenAI
+) -> None:
+    house(ha)
+    config = write_tools_config(tmp_path, ONLY_CONFIGURED, ha)
+    env = clean_env(tmp_path)
+    code, out, err = await run_cli("tools", "--config", str(config), env=env, cwd=tmp_path)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    listed = {line.split()[0]: line.split()[1] for line in lines[:2]}
+    assert listed == {"ha_get_state": "homeassistant", "ha_control": "homeassistant"}
+    assert lines[2:] == [
+        "2 tools offered to the model",
+        "",
+        "ok   homeassistant: 2 entities exposed to Assist (2 tools)",
+    ]
+    # `check` reports the same sources, built and started by the same code.
+    config.write_text(
+        config.read_text(encoding="utf-8")
+        + f'[llm]\nbase_url = "{llm.base_url}"\napi_key = "{API_KEY}"\nmodel = "fake-model"\n',
+        encoding="utf-8",
+    )
+    code, out, _ = await run_cli("check", "--config", str(config), env=env, cwd=tmp_path)
+    assert code == 0, out
+    assert "ok   tools homeassistant: 2 entities exposed to Assist (2 tools)" in out.splitlines()
+
+
+async def test_tools_says_why_a_source_offers_nothing_and_exits_1(
+    tmp_path: Path, ha: FakeHomeAssistant
+) -> None:
+    house(ha)
+    ha.admin = False  # exposure settings are admin-only in Home Assistant
+    config = write_tools_config(tmp_path, ONLY_CONFIGURED, ha)
+    code, out, _ = await run_cli(
+        "tools", "--wait", "1", "--config", str(config), env=clean_env(tmp_path), cwd=tmp_path
+    )
+    assert code == 1
+    first, blank, state = out.splitlines()
+    assert (first, blank) == ("no tool is offered to the model right now", "")
+    assert state.startswith("FAIL homeassistant: ")
+    assert "admin" in state
+
+
+async def test_tools_with_no_source_or_tools_off_says_so(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    none = write_tools_config(tmp_path, ONLY_CONFIGURED)
+    code, out, _ = await run_cli("tools", "--config", str(none), env=env, cwd=tmp_path)
+    assert (code, out) == (0, "no tool source is configured: the model is offered no tools\n")
+    off = write_tools_config(tmp_path, "enabled = false")
+    code, out, _ = await run_cli("tools", "--config", str(off), env=env, cwd=tmp_path)
+    assert (code, out.strip()) == (
+        0,
+        "tool calling is off ([tools] enabled = false): the model is offered no tools",
+    )
+
+
+async def test_tools_with_a_rejected_home_assistant_token_is_one_error_line(
+    tmp_path: Path, ha: FakeHomeAssistant
+) -> None:
+    config = write_tools_config(tmp_path, ONLY_CONFIGURED, ha)
+    config.write_text(
+        config.read_text(encoding="utf-8").replace(DEFAULT_TOKEN, "a-token-home-assistant-refuses"),
+        encoding="utf-8",
+    )
+    code, out, err = await run_cli(
+        "tools", "--config", str(config), env=clean_env(tmp_path), cwd=tmp_path
+    )
+    assert (code, out) == (4, "")
+    # The client logs it too (as `run` would); the command's own verdict is the last line.
+    assert err.splitlines()[-1].startswith("error: Home Assistant at ws://")
+    assert "rejected the access token" in err.splitlines()[-1]
+    assert "Traceback" not in err
+    assert "a-token-home-assistant-refuses" not in err
