@@ -394,6 +394,20 @@ def mina_client(settings: Settings, session: aiohttp.ClientSession, auth: Xiaomi
     return MinaClient(session, auth, base_url=mi.endpoints.mina, timeout_s=mi.timeout_s)
 
 
+def miot_client(settings: Settings, session: aiohttp.ClientSession, auth: XiaomiAuth) -> MiotClient:
+    """MIoT (the speakers' actions) for `[xiaomi]`."""
+    mi = settings.xiaomi
+    return MiotClient(session, auth, base_url=mi.endpoints.miot, timeout_s=mi.timeout_s)
+
+
+def speaker_actions(settings: Settings) -> dict[str, SpeakerActions]:
+    """The MIoT action table by hardware model, with `[xiaomi.models]` rows."""
+    return {
+        hardware: SpeakerActions(**row.model_dump())
+        for hardware, row in settings.xiaomi.models.items()
+    }
+
+
 def external_tts(settings: Settings, session: aiohttp.ClientSession) -> TtsEngine:
     """The TTS engine of `[xiaomi.tts_http]`."""
     tts = settings.xiaomi.tts_http
@@ -415,7 +429,7 @@ async def _add_xiaomi(service: Service, stack: contextlib.AsyncExitStack) -> Non
     conversation = ConversationClient(
         session, auth, base_url=mi.endpoints.conversation, timeout_s=mi.timeout_s
     )
-    miot = MiotClient(session, auth, base_url=mi.endpoints.miot, timeout_s=mi.timeout_s)
+    miot = miot_client(settings, session, auth)
     source = XiaomiSource(
         mina,
         conversation,
@@ -428,7 +442,7 @@ async def _add_xiaomi(service: Service, stack: contextlib.AsyncExitStack) -> Non
     found = await source.resolve_speakers()
     service.sources.append(source)
     service.connections["xiaomi"] = source.discovery  # the account and speaker lookup
-    models = {hardware: SpeakerActions(**row.model_dump()) for hardware, row in mi.models.items()}
+    models = speaker_actions(settings)
     service.miot, service.speaker_models = miot, models
     tts_engine: TtsEngine | None = None
     if mi.tts == "url":
@@ -526,16 +540,21 @@ async def open_tools(settings: Settings) -> AsyncIterator[Toolbox]:
     """The tool sources the service would offer, built by its own code, none of them running.
 
     For `xiaoai-bridge tools` and `check`: nothing is heard or spoken. Sources that share a
-    mode's connection get it (Home Assistant's); a rejected token raises here, as at start.
+    mode's clients get them: Home Assistant's connection (a rejected token raises here, as at
+    start), the Xiaomi cloud's MIoT client (not logged in until a tool is called).
     """
     async with contextlib.AsyncExitStack() as stack:
         pipeline = await stack.enter_async_context(open_pipeline(settings))
         service = Service(settings, pipeline, Dispatcher(pipeline, {}))
         stack.push_async_callback(service.dispatcher.aclose)
         if settings.tools.enabled:
-            if settings.homeassistant.enabled and settings.tools.homeassistant.enabled is not False:
+            if settings.homeassistant.enabled:
                 client = await stack.enter_async_context(homeassistant_client(settings))
                 service.homeassistant = client
+            if settings.xiaomi.enabled:
+                session = await stack.enter_async_context(new_session())
+                service.miot = miot_client(settings, session, xiaomi_auth(settings, session))
+                service.speaker_models = speaker_actions(settings)
             await _add_tools(service, stack)
         yield service.tools
 

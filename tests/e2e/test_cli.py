@@ -379,3 +379,30 @@ async def test_tools_with_a_rejected_home_assistant_token_is_one_error_line(
     assert "rejected the access token" in err.splitlines()[-1]
     assert "Traceback" not in err
     assert "a-token-home-assistant-refuses" not in err
+
+
+async def test_tools_in_home_assistant_mode_by_default_offers_every_source(
+    tmp_path: Path, ha: FakeHomeAssistant
+) -> None:
+    house(ha)
+    config = write_tools_config(tmp_path, "", ha)
+    code, out, _ = await run_cli(
+        "tools", "--config", str(config), env=clean_env(tmp_path), cwd=tmp_path
+    )
+    assert code == 0, out
+    listing, states = out.split("\n\n")
+    *tools, count = listing.splitlines()
+    by_source: dict[str, set[str]] = {}
+    for line in tools:
+        name, source, *description = line.split()
+        assert description, line  # every tool says what it does
+        by_source.setdefault(source, set()).add(name)
+    assert by_source["homeassistant"] == {"ha_get_state", "ha_control"}
+    assert by_source["xiaoai"] == {"xiaoai_execute"}
+    assert "get_current_time" in by_source["builtin"]
+    assert count == f"{len(tools)} tools offered to the model"
+    assert [line.split()[:2] for line in states.splitlines()] == [
+        ["ok", "homeassistant:"],
+        ["ok", "xiaoai:"],
+        ["ok", "builtin:"],
+    ]
