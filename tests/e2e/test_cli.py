@@ -406,3 +406,32 @@ async def test_tools_in_home_assistant_mode_by_default_offers_every_source(
         ["ok", "xiaoai:"],
         ["ok", "builtin:"],
     ]
+
+
+async def test_tools_starts_mcp_servers_briefly_to_list_their_tools(
+    tmp_path: Path, mcp_http: McpHttpServer
+) -> None:
+    config = write_tools_config(
+        tmp_path,
+        f"{ONLY_CONFIGURED}\n"
+        f'[[tools.mcp]]\nname = "local"\ncommand = "{sys.executable}"\n'
+        f'args = ["{SCRIPT}", "stdio"]\nallow = ["echo", "add"]\n'
+        # Not started: nothing listens there.
+        f'[[tools.mcp]]\nname = "web"\nurl = "{mcp_http.url}"\ntoken = "{TOKEN}"\n',
+    )
+    code, out, _ = await run_cli(
+        "tools", "--wait", "5", "--config", str(config), env=clean_env(tmp_path), cwd=tmp_path
+    )
+    assert code == 1
+    listing, states = out.split("\n\n")
+    rows = [line.split(maxsplit=2) for line in listing.splitlines()[:-1]]
+    assert [(name, source) for name, source, _ in rows] == [
+        ("local__echo", "mcp:local"),
+        ("local__add", "mcp:local"),
+    ]
+    assert listing.splitlines()[-1] == "2 tools offered to the model"
+    local, web = states.splitlines()
+    assert local == "ok   mcp:local: 2 tools (2 tools)"
+    assert web.startswith("FAIL mcp:web: ")
+    assert web.endswith("(0 tools)")
+    assert TOKEN not in out
