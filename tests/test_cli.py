@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tests.pipeline.test_tool_loop import FunctionTool, Shelf
-from xiaoai_bridge.cli import start_briefly
+from xiaoai_bridge.cli import one_line, start_briefly
 from xiaoai_bridge.pipeline.tool_ports import SourceHealth, Tool, ToolOutput
 from xiaoai_bridge.pipeline.toolbox import Toolbox
 
@@ -77,3 +77,10 @@ async def test_a_source_that_stays_down_or_breaks_says_why() -> None:
     ]
     assert away.stopped
     assert broken.stopped
+
+
+def test_descriptions_are_one_short_line_without_terminal_controls() -> None:
+    hostile = "\x1b]0;pwned\x07Search\x1b[2J the web.\nSecond line."
+    assert one_line(hostile) == " ]0;pwned Search [2J the web."
+    assert one_line("x" * 300) == "x" * 99 + "…"
+    assert one_line("") == ""

@@ -340,12 +340,19 @@ async def _check_tools(settings: Settings) -> list[tuple[bool, str, str]]:
 
 def _source_detail(source: SourceReport) -> str:
     count = len(source.tools)
-    return f"{source.health.detail} ({count} tool{'' if count == 1 else 's'})"
+    return f"{printable(source.health.detail)} ({count} tool{'' if count == 1 else 's'})"
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+    """A tool description's first line, cut short and safe for a terminal."""
     line = text.strip().splitlines()[0] if text.strip() else ""
+    line = printable(line)
     return line if len(line) <= DESCRIPTION_CHARS else line[: DESCRIPTION_CHARS - 1] + "…"
+
+
+def printable(text: str) -> str:
+    """`text` without control characters: what MCP servers say must not drive the terminal."""
+    return "".join(char if char.isprintable() else " " for char in text)
 
 
 async def _tools(settings: Settings, wait_s: float) -> int:
@@ -364,7 +371,7 @@ async def _tools(settings: Settings, wait_s: float) -> int:
             spec = entry.tool.spec
             print(
                 f"{spec.name:<{name_width}}  {entry.source:<{source_width}}  "
-                f"{_one_line(spec.description)}"
+                f"{one_line(spec.description)}"
             )
         print(f"{len(offered)} tool{'' if len(offered) == 1 else 's'} offered to the model\n")
     else:
