@@ -39,9 +39,14 @@ from xiaoai_bridge.errors import BridgeError, ConfigError, DataDirError, LLMErro
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
 from xiaoai_bridge.log import register_secrets_of, setup_logging
 from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
-from xiaoai_bridge.pipeline.tool_ports import ConnectedToolSource, SourceHealth, ToolSource
+from xiaoai_bridge.pipeline.tool_ports import ConnectedToolSource, SourceHealth, Tool, ToolSource
 from xiaoai_bridge.pipeline.toolbox import SourceReport, Toolbox
-from xiaoai_bridge.tools.mcp import McpToolSource, check_server
+from xiaoai_bridge.tools.mcp import (
+    McpToolSource,
+    McpUnavailableError,
+    check_server,
+    list_server_tools,
+)
 
 # Exit codes, documented in the README.
 EXIT_OK = 0
@@ -102,10 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     tools = commands.add_parser(
         "tools",
         help="list the tools the model would be offered",
-        description="Build the tool sources from the config as the service does, start those "
-        "that need a connection (for at most --wait seconds), and print every tool the model "
-        "would be offered with its source, then each source's state; exit 1 when a source is "
-        "down.",
+        description="Build the tool sources from the config as the service does, ask each "
+        "MCP server once for its tools and start the other sources that need a connection "
+        "(each for at most --wait seconds), and print every tool the model would be offered "
+        "with its source, then each source's state; exit 1 when a source is down.",
     )
     tools.add_argument(
         "--wait",
@@ -273,13 +278,44 @@ async def tool_reports(
     *,
     leave_out: Callable[[ToolSource], bool] = lambda source: False,
 ) -> list[SourceReport]:
-    """Each tool source the service would have, with the tools it offers once started."""
+    """Each tool source the service would have, with the tools it offers once started.
+
+    An MCP server is asked once for its tools (its one-shot listing), so one that is away
+    is reported at once; other sources with a connection get a brief start.
+    """
     async with open_tools(settings) as toolbox:
-        kept = Toolbox()
-        for source in toolbox.sources:
-            if not leave_out(source):
-                kept.add(source)
-        return await start_briefly(kept, wait_s)
+        kept = [source for source in toolbox.sources if not leave_out(source)]
+        listed = await asyncio.gather(
+            *(_listed_once(source, wait_s) for source in kept if isinstance(source, McpToolSource))
+        )
+        once = {source.name: source for source in listed}
+        shown = Toolbox()
+        for source in kept:
+            shown.add(once.get(source.name, source))
+        return await start_briefly(shown, wait_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Listed:
+    """A tool source as one listing found it, for showing only."""
+
+    name: str
+    found: Sequence[Tool]
+    state: SourceHealth
+
+    def tools(self) -> Sequence[Tool]:
+        return self.found
+
+    def health(self) -> SourceHealth:
+        return self.state
+
+
+async def _listed_once(source: McpToolSource, wait_s: float) -> _Listed:
+    try:
+        found = await list_server_tools(source.settings, timeout_s=wait_s)
+    except McpUnavailableError as err:
+        return _Listed(source.name, (), SourceHealth(False, str(err)))
+    return _Listed(source.name, tuple(found), SourceHealth(True, f"{len(found)} tools"))
 
 
 async def start_briefly(toolbox: Toolbox, wait_s: float) -> list[SourceReport]:

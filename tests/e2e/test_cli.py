@@ -408,7 +408,7 @@ async def test_tools_in_home_assistant_mode_by_default_offers_every_source(
     ]
 
 
-async def test_tools_starts_mcp_servers_briefly_to_list_their_tools(
+async def test_tools_asks_each_mcp_server_once_for_its_tools(
     tmp_path: Path, mcp_http: McpHttpServer
 ) -> None:
     config = write_tools_config(
