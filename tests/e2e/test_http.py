@@ -22,7 +22,7 @@ from tests.fakes.mosquitto import Mosquitto
 from tests.fakes.openai_server import FakeOpenAI, Fault, ScriptedCall, ToolRound
 from tests.pipeline.test_tool_loop import Shelf
 from xiaoai_bridge.app import Service, open_service, serve
-from xiaoai_bridge.config import HttpSettings, MqttSettings, Settings
+from xiaoai_bridge.config import HttpSettings, MqttSettings, Settings, ToolsSettings
 from xiaoai_bridge.errors import ConfigError
 from xiaoai_bridge.http import MAX_BODY_BYTES, MAX_LIVE_PAGES, HttpServer, open_http
 from xiaoai_bridge.metrics import UNKNOWN_TOOL
@@ -738,3 +738,17 @@ async def test_a_tool_source_down_is_detail_in_healthz_not_a_503(
         await mosquitto.stop()
         down = await bridge.wait_health(503)
         assert (down["down"], down["tools_down"]) == (["mqtt"], ["mcp:search"])
+
+
+async def test_with_tool_calling_off_no_tool_source_is_reported(
+    tmp_path: Path, mosquitto: Mosquitto, llm: FakeOpenAI
+) -> None:
+    settings = make_settings(
+        tmp_path, mosquitto, llm, http=HttpSettings(port=0), tools=ToolsSettings(enabled=False)
+    )
+    async with running(settings) as bridge:
+        body = await bridge.wait_health(200)
+        assert (body["tools"], body["tools_down"]) == ({}, [])
+        _, state = await bridge.call("GET", "/api/state", expect=200)
+        assert (state["tools_enabled"], state["tools"]) == (False, {})
+        assert await bridge.metric("xiaoai_bridge_tool_source_up", source="builtin") == 0
