@@ -111,7 +111,8 @@ async def test_healthz_tells_each_mcp_server_up_or_down_and_stays_healthy(
             body = await response.json()
     assert body["status"] == "ok"
     count = len(await build_server().list_tools())
-    assert body["tools"]["mcp:fake"] == {"ok": True, "detail": f"{count} tools"}
+    assert body["tools"]["mcp:fake"] == {"ok": True, "detail": f"{count} tools", "tools": count}
+    assert body["tools_down"] == ["mcp:gone"]
     assert body["tools"]["mcp:gone"]["ok"] is False
     assert body["tools"]["mcp:gone"]["detail"].startswith(f"cannot run {tmp_path}/no-such-server")
 

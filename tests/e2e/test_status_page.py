@@ -108,8 +108,8 @@ async def test_status_page_shows_live_answers_masks_secrets_and_its_controls_wor
     await expect(page.locator("#health")).to_have_text("healthy")
     mqtt = page.locator('#adapters li[data-adapter="mqtt"]')
     await expect(mqtt.locator(".state")).to_have_text("connected")
-    # Tool sources are listed with the connections, up or down.
-    await expect(page.locator('#adapters li[data-tool="builtin"] .state')).to_have_text("up")
+    # Tool sources have a panel of their own, each ok or down.
+    await expect(page.locator('#tool-sources li[data-source="builtin"] .state')).to_have_text("ok")
     await expect(page.locator("#empty")).to_be_visible()
 
     # A question over MQTT appears, and its answer streams in sentence by sentence.

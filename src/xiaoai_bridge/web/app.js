@@ -42,7 +42,6 @@ const state = {
   sources: new Map(), // device -> the adapter that heard it last (memory is per source and device)
   order: [], // devices, most recently active first
   adapters: {},
-  tools: {},
   status: "unknown",
   toolsEnabled: true,
   tools: {}, // tool source -> { ok, detail, tools }
@@ -292,18 +291,6 @@ function renderAdapters() {
       el("span", { class: "detail", text: details.join(" · ") }),
     );
   });
-  // Tool sources: one that is down only takes its tools away, so it is "down", not "failed".
-  for (const [name, tool] of Object.entries(state.tools)) {
-    rows.push(
-      el(
-        "li",
-        { "data-tool": name },
-        el("span", { class: "name", text: `tools ${name}` }),
-        el("span", { class: `state ${tool.ok ? "connected" : "reconnecting"}`, text: tool.ok ? "up" : "down" }),
-        el("span", { class: "detail", text: tool.detail }),
-      ),
-    );
-  }
   if (!rows.length) {
     list.replaceChildren(el("li", {}, el("span", { class: "muted", text: "No connections configured." })));
   } else {
@@ -430,7 +417,6 @@ function loadState(data) {
   state.order = devices;
   state.speakers = data.speakers;
   state.adapters = data.adapters;
-  state.tools = data.tools || {};
   state.status = data.status;
   state.toolsEnabled = data.tools_enabled;
   state.tools = data.tools;
@@ -478,8 +464,7 @@ function connect() {
   source.addEventListener("adapters", (event) => {
     const data = JSON.parse(event.data);
     state.adapters = data.adapters;
-    state.tools = data.tools || {};
-    state.status = data.status;
+      state.status = data.status;
     state.tools = data.tools;
     renderAdapters();
     renderTools();
