@@ -479,11 +479,9 @@ async def _add_xiaomi(service: Service, stack: contextlib.AsyncExitStack) -> Non
     )
 
 
-async def _add_tools(service: Service, stack: contextlib.AsyncExitStack) -> None:
+async def _add_tools(service: Service) -> None:
     """Add each tool source `[tools]` turns on; sources with a connection run as jobs."""
     tools = service.settings.tools
-    # Sources are added here as they land: built-ins, Home Assistant, XiaoAi, MCP servers.
-    del stack
     ha_tools = tools.homeassistant
     if service.homeassistant is not None and ha_tools.enabled is not False:
         # Assist exposure in Home Assistant decides which entities the model sees.
@@ -536,12 +534,13 @@ def builtin_tools(service: Service) -> BuiltinTools:
 
 
 @contextlib.asynccontextmanager
-async def open_tools(settings: Settings) -> AsyncIterator[Toolbox]:
-    """The tool sources the service would offer, built by its own code, none of them running.
+async def open_tools(settings: Settings) -> AsyncIterator[Service]:
+    """The pipeline with the tool sources the service would offer, none of them running.
 
-    For `xiaoai-bridge tools` and `check`: nothing is heard or spoken. Sources that share a
-    mode's clients get them: Home Assistant's connection (a rejected token raises here, as at
-    start), the Xiaomi cloud's MIoT client (not logged in until a tool is called).
+    For `xiaoai-bridge tools`, `check` and `ask`: nothing is heard, nothing spoken on a
+    speaker. Sources that share a mode's clients get them: Home Assistant's connection (a
+    rejected token raises here, as at start), the Xiaomi cloud's MIoT client (not logged in
+    until a tool is called).
     """
     async with contextlib.AsyncExitStack() as stack:
         pipeline = await stack.enter_async_context(open_pipeline(settings))
@@ -555,8 +554,8 @@ async def open_tools(settings: Settings) -> AsyncIterator[Toolbox]:
                 session = await stack.enter_async_context(new_session())
                 service.miot = miot_client(settings, session, xiaomi_auth(settings, session))
                 service.speaker_models = speaker_actions(settings)
-            await _add_tools(service, stack)
-        yield service.tools
+            await _add_tools(service)
+        yield service
 
 
 @contextlib.asynccontextmanager
@@ -582,7 +581,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
         if settings.xiaomi.enabled:
             await _add_xiaomi(service, stack)
         if settings.tools.enabled:
-            await _add_tools(service, stack)
+            await _add_tools(service)
         if settings.http.enabled:
             service.http = await stack.enter_async_context(open_http(service, settings.http))
         stack.push_async_callback(service.dispatcher.aclose)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import getpass
 import logging
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import aiomqtt
@@ -58,6 +59,8 @@ EXIT_DATA = 5  # the data dir or the memory database in it cannot be used
 
 CHECK_TIMEOUT_S = 15.0
 # Tool sources with a connection (an MCP server) are started this long at most, to list them.
+# `ask` waits this long for tool sources to connect; one that is away is simply left out.
+ASK_WAIT_S = 3.0
 TOOLS_WAIT_S = 10.0
 TOOLS_POLL_S = 0.1
 # One line per tool: its description's first line, cut to this.
@@ -223,9 +226,17 @@ class _PrintSink:
 
 
 async def _ask(settings: Settings, question: str, device: str) -> int:
-    async with open_pipeline(settings) as pipeline:
-        utterance = Utterance(text=question, device=device, id="cli", source="cli")
-        answer = await pipeline.handle(utterance, _PrintSink())
+    utterance = Utterance(text=question, device=device, id="cli", source="cli")
+    try:
+        async with open_tools(settings) as service, sources_running(service.tools, ASK_WAIT_S):
+            answer = await service.pipeline.handle(utterance, _PrintSink())
+    except BridgeError as err:
+        if isinstance(err, LLMError | ConfigError | DataDirError):
+            raise
+        # A tool source that cannot start (e.g. Home Assistant away) must not cost the answer.
+        print(f"warning: asking without tools: {err}", file=sys.stderr)
+        async with open_pipeline(settings) as pipeline:
+            answer = await pipeline.handle(utterance, _PrintSink())
     return EXIT_OK if answer.outcome in (Outcome.ANSWERED, Outcome.COMMAND) else EXIT_FAILED
 
 
@@ -283,8 +294,8 @@ async def tool_reports(
     An MCP server is asked once for its tools (its one-shot listing), so one that is away
     is reported at once; other sources with a connection get a brief start.
     """
-    async with open_tools(settings) as toolbox:
-        kept = [source for source in toolbox.sources if not leave_out(source)]
+    async with open_tools(settings) as service:
+        kept = [source for source in service.tools.sources if not leave_out(source)]
         listed = await asyncio.gather(
             *(_listed_once(source, wait_s) for source in kept if isinstance(source, McpToolSource))
         )
@@ -323,6 +334,20 @@ async def start_briefly(toolbox: Toolbox, wait_s: float) -> list[SourceReport]:
 
     The report is taken while they still run: a source offers its tools only while connected.
     """
+    async with sources_running(toolbox, wait_s) as failed:
+        reports = toolbox.report()
+    return [
+        dataclasses.replace(entry, health=SourceHealth(False, failed[entry.name]))
+        if entry.name in failed
+        else entry
+        for entry in reports
+    ]
+
+
+@contextlib.asynccontextmanager
+async def sources_running(toolbox: Toolbox, wait_s: float) -> AsyncIterator[dict[str, str]]:
+    """Run the sources that keep a connection while the block runs, once all are up or
+    `wait_s` has passed; yields why each source that stopped did so, by name."""
     connected = [source for source in toolbox.sources if isinstance(source, ConnectedToolSource)]
     failed: dict[str, str] = {}
 
@@ -346,15 +371,11 @@ async def start_briefly(toolbox: Toolbox, wait_s: float) -> list[SourceReport]:
                     await asyncio.sleep(TOOLS_POLL_S)
         except TimeoutError:
             pass  # the ones still down say why in their health
-        reports = toolbox.report()
-        for task in tasks:
-            task.cancel()
-    return [
-        dataclasses.replace(entry, health=SourceHealth(False, failed[entry.name]))
-        if entry.name in failed
-        else entry
-        for entry in reports
-    ]
+        try:
+            yield failed
+        finally:
+            for task in tasks:
+                task.cancel()
 
 
 async def _check_tools(settings: Settings) -> list[tuple[bool, str, str]]:

@@ -16,7 +16,7 @@ from tests.e2e.test_homeassistant_tools import house
 from tests.fakes.homeassistant_server import DEFAULT_TOKEN, FakeHomeAssistant
 from tests.fakes.mcp_server import SCRIPT, TOKEN, McpHttpServer
 from tests.fakes.mosquitto import Mosquitto, free_port
-from tests.fakes.openai_server import FakeOpenAI
+from tests.fakes.openai_server import FakeOpenAI, ScriptedCall, ToolRound
 from xiaoai_bridge import __version__
 from xiaoai_bridge.pipeline.pipeline import APOLOGIES
 
@@ -114,6 +114,38 @@ async def test_ask_prints_the_answer_sentence_by_sentence(
     assert code == 0
     assert out.splitlines() == ["第一句话。", "第二句话。"]
     assert llm.last_request.messages[-1]["content"] == "你好"
+
+
+async def test_ask_goes_through_the_tools_too(
+    tmp_path: Path, llm: FakeOpenAI, mosquitto: Mosquitto
+) -> None:
+    llm.script(ToolRound((ScriptedCall("call_now", "get_current_time", "{}"),)), "现在是晚上。")
+    config = write_config(tmp_path, mosquitto.url, llm)
+    code, out, err = await run_cli(
+        "ask", "小爱机器人现在几点", "--config", str(config), env=clean_env(tmp_path), cwd=tmp_path
+    )
+    assert code == 0, err
+    assert out.splitlines() == ["现在是晚上。"]
+    asked, told = llm.requests
+    assert "get_current_time" in {tool["function"]["name"] for tool in asked.tools}
+    (result,) = told.tool_messages
+    assert result["tool_call_id"] == "call_now"
+    assert not str(result["content"]).startswith("error")
+
+
+async def test_ask_answers_without_tools_when_home_assistant_is_away(
+    tmp_path: Path, llm: FakeOpenAI, mosquitto: Mosquitto
+) -> None:
+    config = write_config(tmp_path, mosquitto.url, llm)
+    with config.open("a", encoding="utf-8") as file:
+        file.write(f'[homeassistant]\nurl = "http://127.0.0.1:{free_port()}"\ntoken = "t0ken"\n')
+    code, out, err = await run_cli(
+        "ask", "机器人你好", "--config", str(config), env=clean_env(tmp_path), cwd=tmp_path
+    )
+    assert code == 0, err
+    assert out.splitlines() == ["你问的是：你好。", "这是第二句话。"]
+    assert "homeassistant" in err  # its tools are absent, the answer is not
+    assert "t0ken" not in err
 
 
 async def test_ask_without_key_fails_with_the_spoken_explanation(tmp_path: Path) -> None:
