@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,12 @@ def test_a_tool_imports_no_source_or_sink(path: Path) -> None:
 @pytest.mark.parametrize("path", modules_under("pipeline"), ids=lambda path: path.name)
 def test_the_pipeline_imports_no_tool(path: Path) -> None:
     assert not {name for name in imported_modules(path) if "xiaoai_bridge.tools" in name}
+
+
+def test_the_mcp_sdk_is_loaded_only_for_configured_servers() -> None:
+    # It and its web stack cost ~45 MB of resident memory, for users of MCP servers only.
+    code = "import sys, xiaoai_bridge.cli; print(sorted(m for m in sys.modules if m == 'mcp'))"
+    result = subprocess.run(  # noqa: S603 - our own interpreter, fixed arguments
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -10,7 +10,7 @@ import zoneinfo
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -61,8 +61,10 @@ from xiaoai_bridge.sources.mqtt import MqttSource
 from xiaoai_bridge.sources.xiaomi import XiaomiSource
 from xiaoai_bridge.tools.builtin import BuiltinTools, local_time_zone
 from xiaoai_bridge.tools.homeassistant import HomeAssistantTools
-from xiaoai_bridge.tools.mcp import McpServer, McpToolSource, McpTransport
 from xiaoai_bridge.tools.xiaoai import XiaoAiSkills
+
+if TYPE_CHECKING:
+    from xiaoai_bridge.tools.mcp import McpServer
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -170,6 +172,8 @@ async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
 
 def mcp_server(entry: McpServerSettings) -> McpServer:
     """One `[[tools.mcp]]` table as the MCP tool source's settings, secrets revealed."""
+    from xiaoai_bridge.tools.mcp import McpServer, McpTransport  # noqa: PLC0415 - see _add_tools
+
     return McpServer(
         name=entry.name,
         transport=McpTransport(entry.kind),
@@ -506,8 +510,12 @@ async def _add_tools(service: Service) -> None:
         service.echoes.append(skills.is_echo)
     if tools.builtin:
         service.tools.add(builtin_tools(service))
-    for entry in tools.mcp:
-        service.tools.add(McpToolSource(mcp_server(entry)))
+    if tools.mcp:
+        # The MCP SDK and its web stack cost ~45 MB of memory: loaded only to reach a server.
+        from xiaoai_bridge.tools.mcp import McpToolSource  # noqa: PLC0415
+
+        for entry in tools.mcp:
+            service.tools.add(McpToolSource(mcp_server(entry)))
     for source in service.tools.sources:
         if isinstance(source, ConnectedToolSource):
             service.jobs[f"tools:{source.name}"] = source.run

@@ -11,8 +11,9 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiomqtt
 from pydantic import SecretStr
@@ -40,16 +41,13 @@ from xiaoai_bridge.errors import BridgeError, ConfigError, DataDirError, LLMErro
 from xiaoai_bridge.llm.openai_compat import OpenAICompatBackend
 from xiaoai_bridge.log import register_secrets_of, setup_logging
 from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance
-from xiaoai_bridge.pipeline.tool_ports import ConnectedToolSource, SourceHealth, Tool, ToolSource
+from xiaoai_bridge.pipeline.tool_ports import ConnectedToolSource, SourceHealth, Tool
 from xiaoai_bridge.pipeline.toolbox import SourceReport, Toolbox
-from xiaoai_bridge.tools.mcp import (
-    McpToolSource,
-    McpUnavailableError,
-    check_server,
-    list_server_tools,
-)
 
 # Exit codes, documented in the README.
+if TYPE_CHECKING:
+    from xiaoai_bridge.tools.mcp import McpToolSource
+
 EXIT_OK = 0
 EXIT_FAILED = 1  # `check` or `tools` found a problem, or `ask` got no answer
 EXIT_USAGE = 2  # argparse's own code for bad arguments
@@ -266,6 +264,9 @@ async def _check(settings: Settings) -> int:
     if settings.tools.enabled:
         for ok, what, detail in await _check_tools(settings):
             report(ok, what, detail)
+        if settings.tools.mcp:
+            # The MCP SDK is heavy: loaded only when servers are configured (as by the app).
+            from xiaoai_bridge.tools.mcp import check_server  # noqa: PLC0415
         for entry in settings.tools.mcp:
             health = await check_server(mcp_server(entry), timeout_s=CHECK_TIMEOUT_S)
             report(health.ok, f"mcp {entry.name}", health.detail)
@@ -284,10 +285,7 @@ async def _check(settings: Settings) -> int:
 
 
 async def tool_reports(
-    settings: Settings,
-    wait_s: float,
-    *,
-    leave_out: Callable[[ToolSource], bool] = lambda source: False,
+    settings: Settings, wait_s: float, *, with_mcp: bool = True
 ) -> list[SourceReport]:
     """Each tool source the service would have, with the tools it offers once started.
 
@@ -295,10 +293,16 @@ async def tool_reports(
     is reported at once; other sources with a connection get a brief start.
     """
     async with open_tools(settings) as service:
-        kept = [source for source in service.tools.sources if not leave_out(source)]
-        listed = await asyncio.gather(
-            *(_listed_once(source, wait_s) for source in kept if isinstance(source, McpToolSource))
-        )
+        kept = list(service.tools.sources)
+        mcp: list[McpToolSource] = []
+        if settings.tools.mcp:
+            from xiaoai_bridge.tools.mcp import McpToolSource  # noqa: PLC0415 - heavy SDK
+
+            mcp = [source for source in kept if isinstance(source, McpToolSource)]
+            if not with_mcp:
+                kept = [source for source in kept if source not in mcp]
+                mcp = []
+        listed = await asyncio.gather(*(_listed_once(source, wait_s) for source in mcp))
         once = {source.name: source for source in listed}
         shown = Toolbox()
         for source in kept:
@@ -322,6 +326,8 @@ class _Listed:
 
 
 async def _listed_once(source: McpToolSource, wait_s: float) -> _Listed:
+    from xiaoai_bridge.tools.mcp import McpUnavailableError, list_server_tools  # noqa: PLC0415
+
     try:
         found = await list_server_tools(source.settings, timeout_s=wait_s)
     except McpUnavailableError as err:
@@ -383,9 +389,7 @@ async def _check_tools(settings: Settings) -> list[tuple[bool, str, str]]:
     try:
         # MCP servers have a one-shot check of their own, which names their tools: `_check`
         # reports each with it instead of starting its source here.
-        sources = await tool_reports(
-            settings, TOOLS_WAIT_S, leave_out=lambda source: isinstance(source, McpToolSource)
-        )
+        sources = await tool_reports(settings, TOOLS_WAIT_S, with_mcp=False)
     except BridgeError as err:
         return [(False, "tools", str(err))]
     if not sources and not settings.tools.mcp:
