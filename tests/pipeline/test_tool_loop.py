@@ -301,7 +301,7 @@ async def test_a_slow_tool_gets_a_filler_which_memory_leaves_out(
     assert spoken.is_set()
     assert [c.text for c in sink.chunks if c.text] == ["好的，我查一下。", "上海今天晴，25度。"]
     assert [c.seq for c in sink.chunks] == list(range(len(sink.chunks)))
-    assert answer.outcome is Outcome.ANSWERED
+    assert (answer.outcome, answer.text) == (Outcome.ANSWERED, "上海今天晴，25度。")
     history = await rig.memory.history(said("x").speaker)
     assert history[-1].content == "上海今天晴，25度。"
 

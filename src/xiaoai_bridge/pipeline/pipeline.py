@@ -251,7 +251,7 @@ class Pipeline:
             )
         )
         await run.say(spoken or CONFIRMED_FAILED_REPLY, final=True)
-        await self._memory.remember(speaker, run.utterance.text, run.text)
+        await self._memory.remember(speaker, run.utterance.text, run.answer_text)
         if outcome != "ok":
             return await run.end(Outcome.FAILED, reason=f"tool_{outcome}")
         return await run.end(Outcome.ANSWERED)
@@ -468,7 +468,6 @@ class _Run:
         self.utterance = utterance
         self.sink = sink
         self.seq = 0
-        self.spoken: list[str] = []
         # What the model answered, for memory: the spoken text without fillers.
         self.answer: list[str] = []
         self.keep_listening = False
@@ -479,10 +478,6 @@ class _Run:
         self._first_chunk: float | None = None
         # A filler is said from its own task: chunks must still reach the sink one at a time.
         self._saying = asyncio.Lock()
-
-    @property
-    def text(self) -> str:
-        return join_sentences(self.spoken)
 
     @property
     def answer_text(self) -> str:
@@ -505,7 +500,6 @@ class _Run:
             if self._first_chunk is None and text:
                 self._first_chunk = now - self.started
             if text:
-                self.spoken.append(text)
                 self.last_spoken_at = now
                 if remember:
                     self.answer.append(text)
@@ -517,7 +511,9 @@ class _Run:
         answer = Answer(
             self.utterance,
             outcome,
-            self.text,
+            # The whole reply (MQTT's /xiaomi/reply, the page) leaves the filler out: said while
+            # waiting, it is no part of the answer.
+            self.answer_text,
             reason,
             self._first_chunk,
             self._clock() - self.started,
