@@ -137,6 +137,28 @@ def test_full_options_and_supervisor_broker_make_a_valid_config(tmp_path: Path) 
     assert settings.http.allowed_hosts == ("*",)
 
 
+def test_tool_options_become_the_tools_section(tmp_path: Path) -> None:
+    options = {
+        "tools_timezone": "Asia/Shanghai",
+        "tools_mcp": [
+            {"name": "ha", "url": "http://supervisor/core/api/mcp", "token": "mcp-t0ken"},
+            {"name": "search", "url": "http://192.168.1.5:8000/mcp"},
+        ],
+    }
+    settings = prepare(tmp_path, options, SUPERVISOR_TOKEN=SUPERVISOR_TOKEN)
+    tools = settings.tools
+    assert (tools.enabled, tools.timezone) == (True, "Asia/Shanghai")
+    assert [(s.name, s.url, s.kind) for s in tools.mcp] == [
+        ("ha", "http://supervisor/core/api/mcp", "streamable_http"),
+        ("search", "http://192.168.1.5:8000/mcp", "streamable_http"),
+    ]
+    assert tools.mcp[0].token is not None
+    assert tools.mcp[0].token.get_secret_value() == "mcp-t0ken"
+    assert tools.mcp[1].token is None
+    off = prepare(tmp_path, {"tools_enabled": False}, SUPERVISOR_TOKEN=SUPERVISOR_TOKEN)
+    assert (off.tools.enabled, off.tools.mcp) == (False, ())
+
+
 def test_default_options_make_home_assistant_mode_on_loopback_http(tmp_path: Path) -> None:
     settings = prepare(tmp_path, {}, SUPERVISOR_TOKEN=SUPERVISOR_TOKEN)
     assert settings.homeassistant.enabled

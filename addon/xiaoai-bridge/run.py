@@ -46,6 +46,9 @@ OPTION_KEYS: Mapping[str, str] = {
     "reply_topic": "mqtt.reply_topic",
     "http_token": "http.token",
     "log_level": "log_level",
+    "tools_enabled": "tools.enabled",
+    "tools_timezone": "tools.timezone",
+    "tools_mcp": "tools.mcp",
 }
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -134,6 +137,7 @@ def build_config(
     if ha_mode:
         config["homeassistant"] = _homeassistant_section(options, supervisor_token)
     config["mqtt"] = _mqtt_section(options, mqtt_service)
+    config["tools"] = _tools_section(options)
     if not ha_mode and not config["mqtt"]["enabled"]:
         raise AddonError("turn on homeassistant_mode or mqtt_mode: with neither, nothing is heard")
     # /healthz answers the health check inside the container either way; the status page is
@@ -176,6 +180,23 @@ def _homeassistant_section(options: Mapping[str, Any], token: str | None) -> dic
     return section
 
 
+def _tools_section(options: Mapping[str, Any]) -> dict[str, Any]:
+    section: dict[str, Any] = {"enabled": bool(options.get("tools_enabled", True))}
+    if options.get("tools_timezone"):
+        section["timezone"] = str(options["tools_timezone"])
+    servers = []
+    for server in options.get("tools_mcp") or ():
+        if not isinstance(server, Mapping) or not server.get("name") or not server.get("url"):
+            continue
+        entry = {"name": str(server["name"]), "url": str(server["url"])}
+        if server.get("token"):
+            entry["token"] = str(server["token"])
+        servers.append(entry)
+    if servers:
+        section["mcp"] = servers
+    return section
+
+
 def _mqtt_section(options: Mapping[str, Any], service: Mapping[str, Any] | None) -> dict[str, Any]:
     section: dict[str, Any] = {"enabled": bool(options.get("mqtt_mode", False))}
     if not section["enabled"]:
@@ -195,7 +216,7 @@ def _mqtt_section(options: Mapping[str, Any], service: Mapping[str, Any] | None)
 
 
 def to_toml(config: Mapping[str, Any]) -> str:
-    """TOML for nested dicts of strings, numbers, booleans and lists of strings."""
+    """TOML for nested dicts of strings, numbers, booleans, lists of those and of flat dicts."""
     lines: list[str] = []
     _emit_table(config, [], lines)
     return "\n".join(lines).strip() + "\n"
@@ -218,15 +239,25 @@ def _value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)
+
+
 def _emit_table(table: Mapping[str, Any], path: list[str], lines: list[str]) -> None:
-    scalars = {k: v for k, v in table.items() if not isinstance(v, Mapping)}
+    arrays = {k: v for k, v in table.items() if _is_table_array(v)}
+    scalars = {k: v for k, v in table.items() if not isinstance(v, Mapping) and k not in arrays}
     tables = {k: v for k, v in table.items() if isinstance(v, Mapping)}
-    if path and (scalars or not tables):
+    if path and (scalars or not (tables or arrays)):
         lines.append("")
         lines.append("[" + ".".join(_key(p) for p in path) + "]")
     lines.extend(f"{_key(k)} = {_value(v)}" for k, v in scalars.items())
     for name, sub in tables.items():
         _emit_table(sub, [*path, name], lines)
+    for name, items in arrays.items():  # [[tools.mcp]]: one table per entry, flat values
+        for item in items:
+            lines.append("")
+            lines.append("[[" + ".".join(_key(p) for p in [*path, name]) + "]]")
+            lines.extend(f"{_key(k)} = {_value(v)}" for k, v in item.items())
 
 
 def write_private(path: Path, text: str) -> None:
