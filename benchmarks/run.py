@@ -152,6 +152,7 @@ class Listener:
     """Collects stream and reply messages by question id."""
 
     first_chunk: dict[str, float] = field(default_factory=dict)
+    first_text: dict[str, str] = field(default_factory=dict)
     replied: dict[str, float] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -162,7 +163,9 @@ class Listener:
             data = json.loads(message.payload)
             qid = str(data["id"])
             if message.topic.matches(f"{REPLY_TOPIC}/stream"):
-                self.first_chunk.setdefault(qid, now)
+                if qid not in self.first_chunk:
+                    self.first_chunk[qid] = now
+                    self.first_text[qid] = str(data.get("text", ""))
             else:
                 self.replied[qid] = now
                 self.changed.set()

@@ -6,11 +6,8 @@ Run alone with `.venv/bin/python -m benchmarks.tools`; `benchmarks.run` includes
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -20,12 +17,12 @@ from tests.fakes.openai_server import TOOL_GAPS_PATH
 
 from benchmarks.run import (
     BROKER_CONFIG,
-    NODELAY,
-    QUESTION_TOPIC,
-    REPLY_TOPIC,
+    Listener,
     Row,
+    ask,
     bridge,
     fake_llm,
+    listener,
     pct,
 )
 from xiaoai_bridge.pipeline.tool_loop import DEFAULT_FILLER
@@ -38,55 +35,16 @@ SLOW_AFTER_TOOLS_MS = 2500
 FILLER_TARGET_S = 1.2
 
 
-@dataclass
-class Chunks:
-    """Stream chunks and replies by question id, with when they arrived."""
-
-    first: dict[str, tuple[float, str]] = field(default_factory=dict)
-    replied: dict[str, float] = field(default_factory=dict)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def run(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            now = time.perf_counter()
-            assert isinstance(message.payload, bytes)
-            data = json.loads(message.payload)
-            qid = str(data["id"])
-            if message.topic.matches(f"{REPLY_TOPIC}/stream"):
-                self.first.setdefault(qid, (now, str(data.get("text", ""))))
-            else:
-                self.replied[qid] = now
-                self.changed.set()
-
-    async def wait(self, qid: str, timeout_s: float) -> None:
-        async with asyncio.timeout(timeout_s):
-            while qid not in self.replied:
-                self.changed.clear()
-                await self.changed.wait()
-
-
 async def ask_all(
-    broker: Mosquitto, prefix: str, count: int, timeout_s: float
-) -> tuple[dict[str, float], Chunks]:
-    """Ask `count` questions one after the other; their send times and what came back."""
+    client: aiomqtt.Client, replies: Listener, prefix: str, count: int, timeout_s: float
+) -> dict[str, float]:
+    """Ask `count` questions one after the other; when each was sent."""
     sent: dict[str, float] = {}
-    async with aiomqtt.Client(broker.host, broker.port, socket_options=NODELAY) as client:
-        await client.subscribe(REPLY_TOPIC, qos=1)
-        await client.subscribe(f"{REPLY_TOPIC}/stream", qos=1)
-        chunks = Chunks()
-        task = asyncio.create_task(chunks.run(client))
-        try:
-            for n in range(count):
-                qid = f"{prefix}{n}"
-                payload = json.dumps(
-                    {"text": f"现在几点 {qid}", "device": "tools", "id": qid}, ensure_ascii=False
-                )
-                sent[qid] = time.perf_counter()
-                await client.publish(QUESTION_TOPIC, payload, qos=1)
-                await chunks.wait(qid, timeout_s)
-        finally:
-            task.cancel()
-    return sent, chunks
+    for n in range(count):
+        qid = f"{prefix}{n}"
+        sent[qid] = await ask(client, qid, "tools")
+        await replies.wait_replies(len(replies.replied) + 1, timeout_s)
+    return sent
 
 
 async def tool_gaps(llm_url: str) -> list[float]:
@@ -104,10 +62,11 @@ async def bench_tool_round(broker: Mosquitto, work: Path, count: int) -> list[Ro
     async with (
         fake_llm(0, 0, 8, call_tool=TOOL) as url,
         bridge(broker, url, work, extra=TOOLS_CONFIG),
+        listener(broker) as (client, replies),
     ):
-        await ask_all(broker, "warm", 20, 10)
+        await ask_all(client, replies, "warm", 20, 10)
         warm = len(await tool_gaps(url))
-        await ask_all(broker, "t", count, 10)
+        await ask_all(client, replies, "t", count, 10)
         gaps = [gap * 1000 for gap in (await tool_gaps(url))[warm:]]
     if len(gaps) != count:
         return [Row("tool round", f"{len(gaps)} of {count} rounds seen", "all", ok=False)]
@@ -128,10 +87,11 @@ async def bench_filler(broker: Mosquitto, work: Path, count: int) -> list[Row]:
     async with (
         fake_llm(0, 0, 8, call_tool=TOOL, after_tools_ms=SLOW_AFTER_TOOLS_MS) as url,
         bridge(broker, url, work, extra=TOOLS_CONFIG),
+        listener(broker) as (client, replies),
     ):
-        sent, chunks = await ask_all(broker, "f", count, 15)
-    delays = [chunks.first[qid][0] - at for qid, at in sent.items()]
-    texts = {chunks.first[qid][1] for qid in sent}
+        sent = await ask_all(client, replies, "f", count, 15)
+    delays = [replies.first_chunk[qid] - at for qid, at in sent.items()]
+    texts = {replies.first_text[qid] for qid in sent}
     worst = max(delays)
     return [
         Row(
