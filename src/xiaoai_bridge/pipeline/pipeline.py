@@ -33,10 +33,11 @@ from xiaoai_bridge.pipeline.tool_loop import (
     DISPLAY_CHARS,
     Confirmations,
     ToolLoopSettings,
+    attempt,
     run_round,
     shorten,
 )
-from xiaoai_bridge.pipeline.tool_ports import NeedsConfirmation, ToolContext, ToolError
+from xiaoai_bridge.pipeline.tool_ports import NeedsConfirmation, ToolContext
 from xiaoai_bridge.pipeline.toolbox import OfferedTool, Toolbox
 from xiaoai_bridge.pipeline.trigger import Trigger
 from xiaoai_bridge.spoken import join_spoken
@@ -133,10 +134,11 @@ class Pipeline:
         # Tool sources are added by the app once the modes they need are up.
         self.tools = Toolbox()
         self._tool_settings = settings.tools
-        loop_settings = settings.tools or ToolLoopSettings()
-        self._confirmations = Confirmations(loop_settings.confirm_window_s, clock)
-        self._confirm_words = _command_set(loop_settings.confirm_words)
-        self._cancel_words = _command_set(loop_settings.cancel_words)
+        # The loop's knobs; with tools off, only a confirmation held from before could use them.
+        self._loop = settings.tools or ToolLoopSettings()
+        self._confirmations = Confirmations(self._loop.confirm_window_s, clock)
+        self._confirm_words = _command_set(self._loop.confirm_words)
+        self._cancel_words = _command_set(self._loop.cancel_words)
         # Cleared, for good, by a provider that refuses `tools`.
         self._tools_supported = True
 
@@ -225,21 +227,18 @@ class Pipeline:
         if pending is None or not yes:
             await run.say(CANCELLED_REPLY, final=True)
             return await run.end(Outcome.COMMAND, reason="cancelled")
-        settings = self._tool_settings or ToolLoopSettings()
         started = self._clock()
-        outcome = "ok"
-        try:
-            async with asyncio.timeout(settings.call_timeout_s):
-                spoken = await pending.confirmation.action()
-        except TimeoutError:
-            outcome, spoken = "timeout", CONFIRMED_FAILED_REPLY
-        except ToolError as err:
-            outcome, spoken = "error", CONFIRMED_FAILED_REPLY
-            _LOGGER.warning("confirmed %s of %s failed: %s", pending.name, pending.source, err)
-        except Exception:
-            # A tool is an adapter to someone else's server: its bug must not silence the answer.
-            _LOGGER.exception("confirmed %s of %s failed", pending.name, pending.source)
-            outcome, spoken = "error", CONFIRMED_FAILED_REPLY
+        tried = await attempt(
+            pending.confirmation.action(),
+            timeout_s=self._loop.call_timeout_s,
+            name=pending.name,
+            source=pending.source,
+        )
+        outcome, spoken = tried.outcome, tried.value or CONFIRMED_FAILED_REPLY
+        if tried.outcome == "error":
+            _LOGGER.warning(
+                "confirmed %s of %s failed: %s", pending.name, pending.source, tried.error
+            )
         run.tool_calls.append(
             ToolCallRecord(
                 name=pending.name,
@@ -250,7 +249,7 @@ class Pipeline:
                 seconds=self._clock() - started,
             )
         )
-        await run.say(spoken or CONFIRMED_FAILED_REPLY, final=True)
+        await run.say(spoken, final=True)
         await self._memory.remember(speaker, run.utterance.text, run.answer_text)
         if outcome != "ok":
             return await run.end(Outcome.FAILED, reason=f"tool_{outcome}")
@@ -322,7 +321,7 @@ class Pipeline:
         offered: Mapping[str, OfferedTool],
     ) -> Answer | None:
         """Rounds of model and tools until the model answers in words; an Answer if it ended."""
-        settings = self._tool_settings or ToolLoopSettings()
+        settings = self._loop
         specs = [entry.tool.spec for entry in offered.values()]
         context = ToolContext(run.utterance)
         conversation = list(messages)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from xiaoai_bridge.jsonwire import parse_json
 from xiaoai_bridge.llm.base import ToolCall, ToolResult
@@ -15,6 +16,7 @@ from xiaoai_bridge.pipeline.tool_ports import NeedsConfirmation, ToolContext, To
 from xiaoai_bridge.pipeline.toolbox import OfferedTool
 
 _LOGGER = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 DEFAULT_MAX_ROUNDS = 4
 DEFAULT_CALL_TIMEOUT_S = 10.0
@@ -112,31 +114,49 @@ async def _run_call(
     if isinstance(arguments, str):
         result = f"error: {arguments}; call it again with a JSON object of arguments"
         return result, record("bad_arguments", result), None
-    try:
-        async with asyncio.timeout(timeout_s):
-            output = await entry.tool.call(arguments, context)
-    except TimeoutError:
-        outcome = "timeout"
-        result = f"error: the tool did not answer within {timeout_s:g} s"
-    except ToolError as err:
-        outcome = "error"
-        result = f"error: {err}"
-    except Exception:
-        # A tool is an adapter to someone else's server: its bug must not silence the answer.
-        _LOGGER.exception("tool %s of %s failed", call.name, source)
-        outcome = "error"
-        result = "error: the tool failed unexpectedly"
+    tried = await attempt(
+        entry.tool.call(arguments, context), timeout_s=timeout_s, name=call.name, source=source
+    )
+    output = tried.value
+    if isinstance(output, NeedsConfirmation):
+        outcome = "confirm"
+        result = f"waiting for the user to confirm: {output.prompt}"
+        confirmation = output
+    elif output is not None:
+        outcome = "ok"
+        result = shorten(output, MAX_RESULT_CHARS)
     else:
-        if isinstance(output, NeedsConfirmation):
-            outcome = "confirm"
-            result = f"waiting for the user to confirm: {output.prompt}"
-            confirmation = output
-        else:
-            outcome = "ok"
-            result = shorten(output, MAX_RESULT_CHARS)
+        outcome = tried.outcome
+        result = f"error: {tried.error}"
     if outcome != "ok":
         _LOGGER.info("tool %s of %s: %s", call.name, source, shorten(result, DISPLAY_CHARS))
     return result, record(outcome, result), confirmation
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt(Generic[_T]):
+    """How running a tool went: its value, or the outcome and reason of its failure."""
+
+    value: _T | None
+    # "ok", "timeout" or "error".
+    outcome: str
+    # Why it failed, in words for the model.
+    error: str = ""
+
+
+async def attempt(work: Awaitable[_T], *, timeout_s: float, name: str, source: str) -> Attempt[_T]:
+    """Run the tool's `work` under `timeout_s`; whatever fails becomes an outcome, not a raise."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return Attempt(await work, "ok")
+    except TimeoutError:
+        return Attempt(None, "timeout", f"the tool did not answer within {timeout_s:g} s")
+    except ToolError as err:
+        return Attempt(None, "error", str(err))
+    except Exception:
+        # A tool is an adapter to someone else's server: its bug must not silence the answer.
+        _LOGGER.exception("tool %s of %s failed", name, source)
+        return Attempt(None, "error", "the tool failed unexpectedly")
 
 
 def _parse_arguments(text: str) -> dict[str, object] | str:
