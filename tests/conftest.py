@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiomqtt
 import pytest
 from pydantic import SecretStr
@@ -19,7 +20,9 @@ from tests.fakes.homeassistant_server import FakeHomeAssistant
 from tests.fakes.mcp_server import SCRIPT, McpHttpServer
 from tests.fakes.mosquitto import Mosquitto
 from tests.fakes.openai_server import FakeOpenAI
+from tests.fakes.xiaomi_cloud import FakeXiaomiCloud
 from xiaoai_bridge.app import run_service
+from xiaoai_bridge.clients.xiaomi.auth import XiaomiAuth
 from xiaoai_bridge.config import HttpSettings, LLMSettings, MqttSettings, Settings
 from xiaoai_bridge.tools.mcp import McpServer, McpTransport
 
@@ -277,3 +280,17 @@ async def bridge(start_bridge: Callable[..., Any]) -> Bridge:
     """The bridge with default settings, online."""
     started: Bridge = await start_bridge()
     return started
+
+
+def cloud_auth(
+    cloud: FakeXiaomiCloud, session: aiohttp.ClientSession, token_path: Path, **options: Any
+) -> XiaomiAuth:
+    """A password login to the fake Xiaomi cloud, its tokens cached at `token_path`."""
+    return XiaomiAuth(
+        session,
+        account=cloud.account,
+        password=cloud.password,
+        token_path=token_path,
+        base_url=cloud.endpoints["account"],
+        **options,
+    )

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import cloud_auth
 from tests.fakes.xiaomi_cloud import MINA, FakeSpeaker, FakeXiaomiCloud, UbusCall
 from xiaoai_bridge.clients.xiaomi import new_session
-from xiaoai_bridge.clients.xiaomi.auth import XiaomiAuth
 from xiaoai_bridge.clients.xiaomi.mina import MinaClient
 from xiaoai_bridge.clients.xiaomi.miot import MiotClient, SpeakerActions
 from xiaoai_bridge.models import Answer, Outcome, SpeechChunk, Utterance, XiaomiRoute
@@ -52,13 +52,7 @@ class Rig:
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     async with FakeXiaomiCloud() as cloud, new_session() as session:
         cloud.seconds_per_char = SECONDS_PER_CHAR
-        auth = XiaomiAuth(
-            session,
-            account=cloud.account,
-            password=cloud.password,
-            token_path=tmp_path / "token.json",
-            base_url=cloud.endpoints["account"],
-        )
+        auth = cloud_auth(cloud, session, tmp_path / "token.json")
         yield Rig(
             cloud,
             MinaClient(session, auth, base_url=cloud.endpoints["mina"], timeout_s=0.5),

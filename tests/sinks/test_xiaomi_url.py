@@ -14,13 +14,13 @@ import aiohttp
 import pytest
 from pydantic import SecretStr
 
+from tests.conftest import cloud_auth
 from tests.fakes.tts_server import FakeTts
 from tests.fakes.xiaomi_cloud import FakeSpeaker, FakeXiaomiCloud, UbusCall
 from xiaoai_bridge.app import Service, open_pipeline
 from xiaoai_bridge.audio import AudioStore
 from xiaoai_bridge.clients.tts import HttpTts
 from xiaoai_bridge.clients.xiaomi import new_session
-from xiaoai_bridge.clients.xiaomi.auth import XiaomiAuth
 from xiaoai_bridge.clients.xiaomi.mina import MinaClient
 from xiaoai_bridge.config import HttpSettings, Settings
 from xiaoai_bridge.http import open_http
@@ -76,13 +76,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[UrlRig]:
         http_settings = HttpSettings(port=0, token=SecretStr(TOKEN))
         server = await stack.enter_async_context(open_http(service, http_settings))
         store.public_url = server.url.rstrip("/")
-        auth = XiaomiAuth(
-            session,
-            account=cloud.account,
-            password=cloud.password,
-            token_path=tmp_path / "token.json",
-            base_url=cloud.endpoints["account"],
-        )
+        auth = cloud_auth(cloud, session, tmp_path / "token.json")
         mina = MinaClient(session, auth, base_url=cloud.endpoints["mina"], timeout_s=0.5)
         engine = HttpTts(session, tts.url + "/tts?text={text}&voice={voice}", voice="xiaoxiao")
         yield UrlRig(cloud, tts, mina, store, engine, client)

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.conftest import cloud_auth
 from tests.fakes.xiaomi_cloud import ACCOUNT, CONVERSATION, HOSTILE_BODIES, MINA, FakeXiaomiCloud
 from xiaoai_bridge.clients.xiaomi import new_session
 from xiaoai_bridge.clients.xiaomi.auth import XiaomiAuth
@@ -57,14 +58,7 @@ class Rig:
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     async with FakeXiaomiCloud() as cloud, new_session() as session:
-        auth = XiaomiAuth(
-            session,
-            account=cloud.account,
-            password=cloud.password,
-            token_path=tmp_path / "token.json",
-            base_url=cloud.endpoints["account"],
-            relogin_cooldown_s=0.0,
-        )
+        auth = cloud_auth(cloud, session, tmp_path / "token.json", relogin_cooldown_s=0.0)
         yield Rig(
             cloud,
             session,

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import cloud_auth
 from tests.fakes.homeassistant_server import (
     DEFAULT_TOKEN,
     FakeHomeAssistant,
@@ -19,7 +20,6 @@ from tests.fakes.xiaomi_cloud import MIOT, ActionCall, FakeXiaomiCloud
 from tests.fakes.xiaomi_cloud import FakeSpeaker as CloudSpeaker
 from xiaoai_bridge.clients.homeassistant import HomeAssistantClient
 from xiaoai_bridge.clients.xiaomi import new_session
-from xiaoai_bridge.clients.xiaomi.auth import XiaomiAuth
 from xiaoai_bridge.clients.xiaomi.miot import MiotClient, SpeakerActions
 from xiaoai_bridge.models import HomeAssistantRoute, Utterance, XiaomiRoute
 from xiaoai_bridge.pipeline.tool_ports import Tool, ToolContext, ToolError, ToolSource
@@ -66,13 +66,7 @@ async def cloud() -> AsyncIterator[FakeXiaomiCloud]:
 @pytest.fixture
 async def miot(cloud: FakeXiaomiCloud, tmp_path: Path) -> AsyncIterator[MiotClient]:
     async with new_session() as session:
-        auth = XiaomiAuth(
-            session,
-            account=cloud.account,
-            password=cloud.password,
-            token_path=tmp_path / "token.json",
-            base_url=cloud.endpoints["account"],
-        )
+        auth = cloud_auth(cloud, session, tmp_path / "token.json")
         yield MiotClient(session, auth, base_url=cloud.endpoints["miot"], timeout_s=0.5)
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import cloud_auth
 from tests.fakes.xiaomi_cloud import CONVERSATION, FakeXiaomiCloud
 from xiaoai_bridge.clients.xiaomi import new_session
-from xiaoai_bridge.clients.xiaomi.auth import XiaomiAuth
 from xiaoai_bridge.clients.xiaomi.conversation import (
     ConversationAnswer,
     ConversationClient,
@@ -46,13 +46,7 @@ async def cloud(clock: Clock) -> AsyncIterator[FakeXiaomiCloud]:
 @pytest.fixture
 async def client(cloud: FakeXiaomiCloud, tmp_path: Path) -> AsyncIterator[ConversationClient]:
     async with new_session() as session:
-        auth = XiaomiAuth(
-            session,
-            account=cloud.account,
-            password=cloud.password,
-            token_path=tmp_path / "token.json",
-            base_url=cloud.endpoints["account"],
-        )
+        auth = cloud_auth(cloud, session, tmp_path / "token.json")
         yield ConversationClient(session, auth, base_url=cloud.endpoints["conversation"])
 
 

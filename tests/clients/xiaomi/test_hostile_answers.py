@@ -9,6 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.conftest import cloud_auth
 from tests.fakes.xiaomi_cloud import (
     ACCOUNT,
     CONVERSATION,
@@ -127,13 +128,7 @@ async def test_an_answer_past_the_size_limit_is_refused(
 async def test_a_hostile_login_answer_is_an_error_of_the_client(
     cloud: FakeXiaomiCloud, session: aiohttp.ClientSession, tmp_path: Path, body: str
 ) -> None:
-    auth = XiaomiAuth(
-        session,
-        account=cloud.account,
-        password=cloud.password,
-        token_path=tmp_path / "token.json",
-        base_url=cloud.endpoints["account"],
-    )
+    auth = cloud_auth(cloud, session, tmp_path / "token.json")
     cloud.serve_raw(ACCOUNT, b"&&&START&&&" + HOSTILE_BODIES[body])
 
     with pytest.raises(XiaomiError):
